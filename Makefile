@@ -1,0 +1,31 @@
+# Two commands a new user (and CI) needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# MODEL=tiny runs the demo offline with a tiny random MiniCPM-V 4.6 (meaningless text, real code path).
+MODEL ?=
+DEMO_SET := $(if $(MODEL),--set model.name=$(MODEL),)
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch/torchvision come from the builds on this machine's disk (pip takes them from there);
+# installing them before the project keeps pip from pulling a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cpmv samples demo/corpus
+	$(BIN)/cpmv run jobs/demo.yaml $(DEMO_SET)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo/out demo/corpus .pytest_cache
