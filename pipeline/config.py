@@ -1,0 +1,318 @@
+"""Job configuration: pydantic models whose field descriptions are the documentation.
+
+A job file (YAML) holds values only; everything it may say is declared here. Loading resolves
+`${ENV_VAR}` references (for secrets) and `--set a.b=c` overrides before validation, so an invalid
+job fails before any work starts, naming the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+TaskName = Literal["ocr", "table", "caption", "video_caption"]
+FamilyName = Literal["auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo in a job file must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class S3Config(_Model):
+    """Credentials and endpoint for `s3://` URIs (inputs, outputs and model checkpoints)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint, e.g. http://127.0.0.1:8333 for a local server; unset means AWS. "
+        "Falls back to AWS_ENDPOINT_URL."
+    )
+    access_key_id: SecretStr | None = Field(
+        None, description="Access key; use `${AWS_ACCESS_KEY_ID}` in job files. Unset uses the standard AWS chain."
+    )
+    secret_access_key: SecretStr | None = Field(
+        None, description="Secret key; use `${AWS_SECRET_ACCESS_KEY}`. Never logged or written to outputs."
+    )
+    region: str | None = Field(None, description="Region name; unset uses AWS_REGION / AWS_DEFAULT_REGION.")
+    anon: bool = Field(False, description="Anonymous access (public buckets).")
+
+    @field_validator("endpoint_url", "access_key_id", "secret_access_key", "region", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # `${VAR:-}` in a job file yields "" when VAR is unset: treat it as "not configured".
+        return None if v == "" else v
+
+
+class StorageConfig(_Model):
+    """How URIs are opened (any fsspec protocol)."""
+
+    s3: S3Config = Field(default_factory=S3Config, description="Options for s3:// URIs.")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Extra fsspec storage options per protocol, e.g. {gcs: {project: p}}.",
+    )
+
+
+class InputConfig(_Model):
+    """Where the corpus comes from."""
+
+    uris: list[str] = Field(
+        default_factory=list,
+        description="Files, directories (listed recursively) or globs, on any fsspec filesystem "
+        "(local paths, s3://bucket/prefix/, s3://bucket/**/*.pdf).",
+    )
+    manifest: str | None = Field(
+        None, description="A Parquet, CSV or JSONL file with one input URI per row, in column `manifest_column`."
+    )
+    manifest_column: str = Field("uri", description="Column of the manifest that holds the URIs.")
+    max_sources: int | None = Field(None, ge=1, description="Stop after this many sources (sampling runs).")
+
+    @model_validator(mode="after")
+    def _some_input(self) -> "InputConfig":
+        if not self.uris and not self.manifest:
+            raise ValueError("set `input.uris` (a list of URIs/globs) or `input.manifest` (a file of URIs)")
+        return self
+
+
+class LimitsConfig(_Model):
+    """Bounds on inputs; a source beyond one becomes an error row, never a crash or an OOM."""
+
+    max_bytes: int = Field(512 * 2**20, ge=1, description="Largest source file read, in bytes.")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Largest decoded image (width*height), checked from the header before decoding."
+    )
+    max_pages: int = Field(2000, ge=1, description="Most pages expanded from one PDF; later pages become error rows.")
+    max_video_seconds: float = Field(4 * 3600.0, gt=0, description="Longest video accepted, in seconds.")
+    max_frames: int = Field(512, ge=1, description="Most frames sampled from one video in total.")
+
+
+class PdfConfig(_Model):
+    """Page rendering."""
+
+    min_dpi: float = Field(72.0, gt=0, description="Floor of the render resolution.")
+    max_dpi: float = Field(300.0, gt=0, description="Cap of the render resolution.")
+    extract_text_layer: bool = Field(True, description="Store each page's embedded text layer with the unit.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "PdfConfig":
+        if self.min_dpi > self.max_dpi:
+            raise ValueError(f"pdf.min_dpi ({self.min_dpi}) must not exceed pdf.max_dpi ({self.max_dpi})")
+        return self
+
+
+class ImageConfig(_Model):
+    """Image decoding."""
+
+    multi_frame: Literal["first", "all"] = Field(
+        "first", description="Multi-frame files (GIF, TIFF, WebP): `first` frame only, or `all` frames as units."
+    )
+    max_frames: int = Field(64, ge=1, description="With multi_frame=all, the most frames taken from one file.")
+
+
+class VideoConfig(_Model):
+    """Video sampling."""
+
+    clip_seconds: float = Field(30.0, gt=0, description="Length of one clip (one inference unit), in seconds.")
+    fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
+    max_frames_per_clip: int = Field(16, ge=1, description="Most frames per clip; sampling is uniform when capped.")
+    max_side: int = Field(448, ge=28, description="Longest side of a sampled frame, in pixels (resized on CPU).")
+
+
+class ModelConfig(_Model):
+    """Which MiniCPM-V checkpoint to run."""
+
+    name: str = Field(
+        "openbmb/MiniCPM-V-4.6",
+        description="Hub id, local directory, or s3:// prefix holding the checkpoint; `tiny` builds a tiny random "
+        "model offline (smoke runs).",
+    )
+    family: FamilyName = Field("auto", description="Model generation; `auto` reads it from the checkpoint config.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is bfloat16 on GPU and float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run code from the model repository. Off unless a job asks.")
+    max_slice_nums: int | None = Field(None, ge=1, description="Slices per image; unset uses the family default.")
+    use_image_id: bool | None = Field(None, description="Prefix images with an id tag; unset uses the family default.")
+    downsample_mode: Literal["4x", "16x"] | None = Field(
+        None, description="4.6/OCR visual token downsampling; unset uses the checkpoint's."
+    )
+    cache_dir: str | None = Field(None, description="Where downloaded checkpoints are kept on each node.")
+
+
+class EngineConfig(_Model):
+    """Inference engine and its actor pool (wired in pipeline/resources.py only)."""
+
+    kind: Literal["auto", "transformers"] = Field(
+        "auto", description="`transformers` (CPU, MPS or CUDA); `auto` picks the best available."
+    )
+    replicas: int = Field(1, ge=1, description="Engine actors (model copies) in the pool.")
+    batch_size: int = Field(4, ge=1, description="Units handed to one engine call.")
+    gpus_per_replica: float | None = Field(
+        None, ge=0, description="GPUs per engine actor (fractions allowed); unset: 1 if the cluster has GPUs, else 0."
+    )
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Torch device; `auto` picks cuda, mps, cpu.")
+    max_retries: int = Field(1, ge=0, description="Retries of a failed engine call, one unit at a time, before error rows.")
+
+
+class TaskConfig(_Model):
+    """One task run over every unit it applies to."""
+
+    name: TaskName = Field(..., description="`ocr`, `table` (markdown), `caption` (images, pages) or `video_caption`.")
+    max_new_tokens: int = Field(1024, ge=1, description="Generation cap per unit.")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
+    prompt: str | None = Field(None, description="Replace the built-in prompt (its version becomes `custom-<hash>`).")
+
+
+class OutputConfig(_Model):
+    """Where results go."""
+
+    uri: str = Field(..., description="Output prefix (local dir or s3://bucket/prefix); tables go under it.")
+    rows_per_file: int = Field(50_000, ge=1, description="Most rows per Parquet file.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+
+
+class RayConfig(_Model):
+    """The Ray cluster the job runs on."""
+
+    address: str | None = Field(
+        None, description="Existing cluster (`auto`, ray://host:10001); unset starts a local one. Falls back to RAY_ADDRESS."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster; unset uses the machine's.")
+    preprocess_concurrency: int | None = Field(
+        None, ge=1, description="CPU actors that expand and preprocess sources; unset sizes it from the cluster."
+    )
+
+
+class JobConfig(_Model):
+    """A cpmv-batch job: inputs, model, tasks and outputs."""
+
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name, used in run ids.")
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Run id; unset makes one from the job name and the time."
+    )
+    input: InputConfig = Field(..., description="Inputs.")
+    output: OutputConfig = Field(..., description="Outputs.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine and its actor pool.")
+    tasks: list[TaskConfig] = Field(
+        default_factory=lambda: [TaskConfig(name="ocr")], min_length=1, description="Tasks to run."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Filesystem options.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Input bounds.")
+    pdf: PdfConfig = Field(default_factory=PdfConfig, description="PDF rendering.")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Image decoding.")
+    video: VideoConfig = Field(default_factory=VideoConfig, description="Video sampling.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"each task may appear once; repeated: {', '.join(dupes)}")
+        return tasks
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run; the message names the field and the fix."""
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, path: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in strings, recursively; a missing variable is an error."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set (referenced as ${{{name}}})")
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set engine.batch_size=8")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives numbers, booleans, lists (`[a, b]`) and null their natural types.
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a raw job mapping (lists are indexed by number: tasks.0.name=ocr)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node: Any = data
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i])} has no item {key}")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                elif key not in node and keys[i + 1].isdigit():
+                    raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i + 1])} has no item {keys[i + 1]} "
+                                      f"(the job file does not list it; set the whole list instead)")
+                else:
+                    node = node.setdefault(key, {})
+            else:
+                raise ConfigError(f"--set {item!r}: {'.'.join(keys[:i])} is not a mapping")
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `cpmv schema` lists the fields)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_job_data(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> JobConfig:
+    """Validate a raw job mapping after overrides and `${ENV}` interpolation."""
+    data = apply_overrides(copy.deepcopy(data), overrides or [])
+    data = _interpolate(data)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply overrides, interpolate env vars and validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"job file {p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file {p} must be a mapping of fields, got {type(data).__name__}")
+    return load_job_data(data, overrides, source=str(p))
