@@ -1,0 +1,1 @@
+"""Media handling: sniffing, PDF pages, images and video clips into inference units."""

@@ -1,0 +1,37 @@
+"""What every expander yields: units ready for inference, or per-unit errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class MediaError(Exception):
+    """A whole source cannot be expanded; `error_type` is a short stable code for the results table."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+@dataclass
+class MediaUnit:
+    """One inference unit: a page, an image (or one frame of a multi-frame image), or a video clip.
+
+    `frames` holds RGB uint8 arrays (H, W, 3): one for a page or an image, several for a clip.
+    A unit that failed on its own (a page that will not render) has `error_type` set and no frames;
+    the rest of its source goes on.
+    """
+
+    unit_index: int
+    unit_kind: str  # "page" | "image" | "clip"
+    frames: list[np.ndarray] = field(default_factory=list)
+    text_layer: str | None = None
+    start_s: float | None = None  # clips: where the clip starts/ends in the video
+    end_s: float | None = None
+    frame_times: list[float] = field(default_factory=list)  # clips: timestamp of each sampled frame
+    error_type: str | None = None
+    error_message: str | None = None
+    flags: list[str] = field(default_factory=list)  # e.g. "pdf_repaired", "exif_rotated", "alpha_flattened"

@@ -1,0 +1,1 @@
+"""Versioned output schemas shared by every reader and writer."""

@@ -1,0 +1,129 @@
+"""Versioned pyarrow schemas of the output tables: `results`, `documents` (and the run record).
+
+Every writer casts to these schemas, so all files of a table share one schema whatever a batch held
+(an all-error batch must not produce a `null`-typed column that breaks readers). Bump
+SCHEMA_VERSION when a column changes meaning or type; adding a nullable column is a minor bump.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+#: Document status when some but not all of its units failed.
+STATUS_PARTIAL = "partial"
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("media_type", pa.string()),  # pdf | image | video | unknown
+        pa.field("unit_index", pa.int32(), nullable=False),  # -1: the source failed before any unit existed
+        pa.field("unit_kind", pa.string(), nullable=False),  # page | image | clip | source
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("text", pa.string()),  # OCR text, markdown table or caption
+        pa.field("output_source", pa.string()),  # model (later: text_layer)
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("width", pa.int32()),  # size of the image handed to the model
+        pa.field("height", pa.int32()),
+        pa.field("num_frames", pa.int32()),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("text_layer_chars", pa.int32()),
+        pa.field("flags", pa.list_(pa.string())),
+        pa.field("preprocess_ms", pa.float64()),
+        pa.field("infer_ms", pa.float64()),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("model_family", pa.string()),
+        pa.field("engine", pa.string()),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),  # task+model+prompt+params: the resume key
+        pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+    ],
+    metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
+)
+
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("schema_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("media_type", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("num_units", pa.int32(), nullable=False),
+        pa.field("units_ok", pa.int32(), nullable=False),  # units whose every task is ok
+        pa.field("units_failed", pa.int32(), nullable=False),
+        pa.field("results_ok", pa.int32(), nullable=False),  # result rows (unit x task) with status ok
+        pa.field("results_failed", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | partial | error
+        pa.field("error_type", pa.string()),  # first error seen, for a quick look
+        pa.field("error_message", pa.string()),
+        pa.field("tasks", pa.list_(pa.string())),
+        pa.field("fingerprints", pa.list_(pa.string())),  # committed fingerprints: what a rerun skips
+        pa.field("flags", pa.list_(pa.string())),
+        pa.field("text", pa.string()),  # OCR text of all pages in order (PDFs), for whole-document use
+        pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+    ],
+    metadata={"cpmv.table": "documents", "cpmv.schema_version": SCHEMA_VERSION},
+)
+
+TABLES: dict[str, pa.Schema] = {"results": RESULTS_SCHEMA, "documents": DOCUMENTS_SCHEMA}
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema` from row dicts (missing keys become nulls, extra keys an error)."""
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise KeyError(f"columns not in the {schema.metadata.get(b'cpmv.table', b'?').decode()} schema: {sorted(extra)}")
+    cols = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast a table to `schema`: add missing columns as nulls, drop others, fix column order and types."""
+    arrays = []
+    for f in schema:
+        if f.name in table.column_names:
+            arrays.append(table.column(f.name).cast(f.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+# Internal: the rows that travel from the expand stage to the engine stage (never written out).
+UNITS_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string()),
+        pa.field("source_id", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("media_type", pa.string()),
+        pa.field("tasks", pa.list_(pa.string())),
+        pa.field("unit_index", pa.int32()),
+        pa.field("unit_kind", pa.string()),
+        pa.field("pixels", pa.list_(pa.binary())),  # raw RGB uint8, one entry per frame
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("num_frames", pa.int32()),
+        pa.field("text_layer", pa.string()),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),
+        pa.field("flags", pa.list_(pa.string())),
+        pa.field("error_type", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("preprocess_ms", pa.float64()),
+    ]
+)
