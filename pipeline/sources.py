@@ -1,0 +1,216 @@
+"""Source discovery: expand input URIs, globs and a manifest into a sorted list of files with ids.
+
+Sizes, etags and modification times come from listings (`find`, `glob`, `ls`), not from one
+request per file. Anything the job names that matches nothing is an error before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from pipeline import storage as st
+from pipeline.config import InputConfig, StorageConfig
+
+_GLOB_CHARS = ("*", "?", "[")
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+# Manifest entries sharing a parent directory: from this many on, one listing of the directory
+# is cheaper than one HEAD per entry.
+_LIST_PARENT_FROM = 8
+
+
+class NoMatchError(FileNotFoundError):
+    """An input URI, glob or manifest entry that names no file."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: canonical URI, stable id and what the listing said about it."""
+
+    uri: str
+    source_id: str
+    size: int | None
+    etag: str | None
+    mtime: str | None
+
+
+def source_id(uri: str, etag: str | None, size: int | None, mtime: str | None) -> str:
+    """Stable 32-hex-char id: same object, same id across runs; a changed object, a new id.
+
+    The etag identifies content on object stores; without one (local files), size and mtime do.
+    """
+    version = f"etag={etag}" if etag else f"size={size};mtime={mtime}"
+    return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:32]
+
+
+def discover(cfg: InputConfig, storage: StorageConfig) -> list[Source]:
+    """Every source named by `cfg.uris` and `cfg.manifest`, deduplicated, sorted, capped."""
+    found: dict[str, Source] = {}
+    for entry in cfg.uris:
+        for src in expand(entry, storage):
+            found.setdefault(src.uri, src)
+    if cfg.manifest:
+        for src in _resolve_many(read_manifest(cfg.manifest, cfg.manifest_column, storage), storage):
+            found.setdefault(src.uri, src)
+    sources = [found[uri] for uri in sorted(found)]
+    return sources[: cfg.max_sources] if cfg.max_sources else sources
+
+
+def expand(entry: str, storage: StorageConfig) -> list[Source]:
+    """The files one input names: itself, every file under a directory/prefix, or a glob's matches."""
+    fs, path = st.get_fs(entry, storage)
+    try:
+        if any(c in path for c in _GLOB_CHARS):
+            listing = fs.glob(path, detail=True)
+            what = "glob matches no files"
+            if not listing and fs.exists(path):  # a literal name such as "scan [1].pdf"
+                listing = _file_or_tree(fs, path)
+        elif entry.endswith("/"):  # explicitly a directory/prefix: skip the info request
+            listing = fs.find(path, detail=True)
+            what = "directory/prefix holds no files"
+        else:
+            listing, what = _file_or_tree(fs, path), "directory/prefix holds no files"
+    except FileNotFoundError:
+        raise NoMatchError(f"input {st.redact(entry)!r}: no such file, directory or prefix") from None
+    except OSError as err:  # permissions, network: name the input, never the credentials
+        raise _with_message(err, f"input {st.redact(entry)!r}: {st.redact(err)}") from None
+    sources = [_source(fs, p, i) for p, i in listing.items() if _is_file(p, i)]
+    if not sources:
+        raise NoMatchError(f"input {st.redact(entry)!r}: {what}")
+    return sources
+
+
+def _with_message(err: OSError, message: str) -> OSError:
+    try:
+        return type(err)(message)
+    except Exception:  # subclasses with other constructors
+        return OSError(message)
+
+
+def _file_or_tree(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+    info = fs.info(path)
+    if info.get("type") == "directory":
+        return fs.find(path, detail=True)
+    return {path: info}
+
+
+def _is_file(path: str, info: dict[str, Any]) -> bool:
+    # Zero-byte "dir/" keys are folder markers made by consoles and tools, not inputs. Zero-byte
+    # files are kept: they must become error rows downstream, not vanish.
+    return info.get("type") == "file" and not path.endswith("/") and not str(info.get("Key", "")).endswith("/")
+
+
+def _source(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> Source:
+    uri = st.to_uri(fs, path)
+    size = info.get("size")
+    size = int(size) if size is not None else None
+    etag, mtime = _etag(info), _mtime(info)
+    return Source(uri=uri, source_id=source_id(uri, etag, size, mtime), size=size, etag=etag, mtime=mtime)
+
+
+def _etag(info: dict[str, Any]) -> str | None:
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return None
+
+
+def _mtime(info: dict[str, Any]) -> str | None:
+    """Modification time as ISO 8601 UTC, whatever form the filesystem reports it in."""
+    for key in ("LastModified", "mtime", "updated", "last_modified", "modified"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            value = datetime.fromtimestamp(value, tz=timezone.utc)
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=timezone.utc)
+            return value.astimezone(timezone.utc).isoformat()
+        return str(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(uri: str, column: str, storage: StorageConfig) -> list[str]:
+    """The URIs in column `column` of a Parquet, CSV or JSONL manifest (optionally compressed)."""
+    fs, path = st.get_fs(uri, storage)
+    if not fs.exists(path):
+        raise NoMatchError(f"manifest {st.redact(uri)!r} does not exist")
+    table = _read_table(fs, path, uri)
+    if column not in table.column_names:
+        raise ValueError(
+            f"manifest {st.redact(uri)!r} has no column {column!r} (input.manifest_column); "
+            f"its columns are: {', '.join(table.column_names) or '(none)'}"
+        )
+    values = table.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ValueError(f"manifest {st.redact(uri)!r}: column {column!r} must hold strings, not {values.type}")
+    uris = [(v or "").strip() for v in values.to_pylist()]
+    blank = [i for i, v in enumerate(uris) if not v]
+    if blank:
+        raise ValueError(f"manifest {st.redact(uri)!r}: empty {column!r} in row(s) {blank[:10]} (0-based)")
+    return uris
+
+
+def _read_table(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> pa.Table:
+    name = path.lower()
+    base = next((name[: -len(s)] for s in _COMPRESSION_SUFFIXES if name.endswith(s)), name)
+    if base.endswith((".parquet", ".pq")):
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    # Text formats may be compressed; "infer" picks the codec from the suffix.
+    with fs.open(path, "rb", compression="infer") as f:
+        if base.endswith(".csv"):
+            return pacsv.read_csv(f)
+        if base.endswith((".jsonl", ".ndjson", ".json")):
+            return pajson.read_json(f)
+    raise ValueError(f"manifest {st.redact(uri)!r}: unknown format (use .parquet, .csv or .jsonl)")
+
+
+def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
+    """Sources for many manifest URIs, listing a parent directory once where that saves requests."""
+    by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
+    rest: list[str] = []
+    for uri in dict.fromkeys(uris):  # dedupe, keep order
+        fs, path = st.get_fs(uri, storage)
+        if any(c in path for c in _GLOB_CHARS) or uri.endswith("/"):
+            rest.append(uri)
+        else:
+            by_parent[(id(fs), posixpath.dirname(path))].append((uri, path))
+    out: list[Source] = []
+    for (_, parent), entries in by_parent.items():
+        if len(entries) < _LIST_PARENT_FROM:
+            rest.extend(uri for uri, _ in entries)
+            continue
+        fs, _ = st.get_fs(entries[0][0], storage)
+        listing = _list_dir(fs, parent)
+        for uri, path in entries:
+            info = listing.get(path)
+            if info is not None and _is_file(path, info):
+                out.append(_source(fs, path, info))
+            else:
+                rest.append(uri)  # a directory, or absent: expand() recurses or names it
+    for uri in rest:
+        out.extend(expand(uri, storage))
+    return out
+
+
+def _list_dir(fs: fsspec.AbstractFileSystem, parent: str) -> dict[str, dict[str, Any]]:
+    try:
+        return {fs._strip_protocol(i["name"]): i for i in fs.ls(parent, detail=True)}
+    except FileNotFoundError:
+        return {}
