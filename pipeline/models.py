@@ -1,0 +1,133 @@
+"""The MiniCPM-V family registry: one table of what differs between model generations.
+
+Every other module asks this table (never `if family == ...`) for slicing parameters, recommended
+processor options and stop tokens. It reads checkpoints' `config.json` only, so it stays free of
+torch/transformers imports and is cheap to use on CPU actors and in the driver.
+
+Values come from the transformers >= 5.7 processors (`models/minicpmv4_6`, `minicpmv4_7`,
+`minicpm_ocr`) and DESIGN.md section 2. The processors' own class defaults differ from the
+recommended values below: they use `max_slice_nums=9` and `use_image_id=True` for images *and*
+video frames; the engines pass the recommended values explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What the pipeline needs to know about one MiniCPM-V generation."""
+
+    name: str  # registry key, also the `family` value in job files
+    hf_model_type: str  # `model_type` in the checkpoint's config.json
+    display: str  # human-readable name for reports
+    scale_resolution: int  # side of the pixel budget of the overview and of each slice
+    image_max_slice_nums: int  # recommended slices per image (processor default is 9)
+    video_max_slice_nums: int  # recommended slices per video frame (1: frames are not sliced)
+    use_image_id_images: bool  # prefix each image with <image_id>N</image_id>
+    use_image_id_video: bool  # video frames carry no id tag
+    stop_tokens: tuple[str, ...]  # generation stops on any of these (chat turn end, document end)
+    native_transformers: bool  # served by transformers' own classes (no trust_remote_code)
+    patch_size: int = 14  # vision patch side the processors assume
+    downsample_mode: str = "16x"  # default visual-token downsampling of the checkpoint/processor
+
+
+# The Qwen3.5 text backbone ends an assistant turn with <|im_end|>; <|endoftext|> ends a document
+# and is what a base-style continuation emits. Both are generation stops (ids 248046/248044 in the
+# real vocab).
+_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            name="minicpmv4_6",
+            hf_model_type="minicpmv4_6",
+            display="MiniCPM-V 4.6",
+            scale_resolution=448,
+            image_max_slice_nums=36,
+            video_max_slice_nums=1,
+            use_image_id_images=True,
+            use_image_id_video=False,
+            stop_tokens=_QWEN_STOPS,
+            native_transformers=True,
+            downsample_mode="16x",
+        ),
+        FamilySpec(
+            name="minicpmv4_7",
+            hf_model_type="minicpmv4_7",
+            display="MiniCPM-V 4.7",
+            scale_resolution=448,
+            image_max_slice_nums=36,
+            video_max_slice_nums=1,
+            use_image_id_images=True,
+            # The 4.7 processor never tags video frames with ids, whatever use_image_id says.
+            use_image_id_video=False,
+            stop_tokens=_QWEN_STOPS,
+            native_transformers=True,
+            downsample_mode="16x",
+        ),
+        FamilySpec(
+            name="minicpm_ocr",
+            hf_model_type="minicpm_ocr",
+            display="MiniCPM-OCR 1.0",
+            scale_resolution=448,
+            image_max_slice_nums=36,
+            video_max_slice_nums=1,
+            use_image_id_images=True,
+            use_image_id_video=False,
+            stop_tokens=_QWEN_STOPS,
+            native_transformers=True,
+            # Text-dense pages are read with 4x more visual tokens than the V models.
+            downsample_mode="4x",
+        ),
+    )
+}
+
+_BY_MODEL_TYPE: dict[str, str] = {spec.hf_model_type: spec.name for spec in FAMILIES.values()}
+
+
+def get_family(name: str) -> FamilySpec:
+    """Return the spec of family `name`; ValueError naming the allowed values otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        allowed = ", ".join(sorted(FAMILIES))
+        raise ValueError(f"unknown model family {name!r}; allowed: {allowed}") from None
+
+
+def detect_family(model_dir: str | Path) -> str:
+    """Read `model_dir/config.json` and map its `model_type` to a family name.
+
+    Raises ValueError (not KeyError/FileNotFoundError) with the supported types, so a job pointing
+    at the wrong checkpoint fails at startup with a message a user can act on.
+    """
+    config_path = Path(model_dir) / "config.json"
+    supported = ", ".join(sorted(_BY_MODEL_TYPE))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no config.json in {model_dir}; expected a MiniCPM-V checkpoint ({supported})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {config_path}: {exc}") from exc
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in _BY_MODEL_TYPE:
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {config_path}; supported model types: {supported}"
+        )
+    return _BY_MODEL_TYPE[model_type]
+
+
+def pixel_budget(spec: FamilySpec, max_slice_nums: int) -> int:
+    """Pixels worth rendering for one image: beyond this the processor only downsamples.
+
+    The processor cuts an image into at most `max_slice_nums` slices of about
+    `scale_resolution`**2 pixels each, so rendering a PDF page (or decoding an image) larger than
+    that budget spends CPU on detail the model never sees.
+    """
+    if max_slice_nums < 1:
+        raise ValueError(f"max_slice_nums must be >= 1, got {max_slice_nums}")
+    return max_slice_nums * spec.scale_resolution**2
