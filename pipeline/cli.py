@@ -1,0 +1,109 @@
+"""`cpmv` command line: run jobs, build tiny models, make sample corpora, print the job schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import ConfigError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_job
+    from pipeline.model_source import ModelUnavailable
+    from pipeline.report import render
+    from pipeline.run import run_job
+
+    try:
+        job = load_job(args.job, args.set)
+        summary = run_job(job)
+    except (ConfigError, ModelUnavailable) as err:
+        print(f"cpmv: {err}", file=sys.stderr)
+        return 2
+    print(render(summary))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_job
+
+    try:
+        job = load_job(args.job, args.set)
+    except ConfigError as err:
+        print(f"cpmv: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(job.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.config import JobConfig
+
+    print(json.dumps(JobConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from pipeline.tiny import build_tiny
+
+    path = build_tiny(args.family, args.out, seed=args.seed)
+    print(f"tiny {args.family} checkpoint (random weights, meaningless output) written to {path}")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from pipeline.samples import make_bad_corpus, make_demo_corpus
+
+    paths = make_demo_corpus(args.out)
+    if args.bad:
+        paths += make_bad_corpus(args.out)
+    print(f"{len(paths)} sample files in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpmv", description="MiniCPM-V batch pipeline on Ray Data")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job file")
+    run.add_argument("job", help="YAML job file (see jobs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. --set engine.batch_size=8 (repeatable)")
+    run.set_defaults(func=_cmd_run)
+
+    val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")
+    val.add_argument("job")
+    val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.set_defaults(func=_cmd_validate)
+
+    sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
+    sch.set_defaults(func=_cmd_schema)
+
+    models = sub.add_parser("models", help="model utilities")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    tiny = msub.add_parser("tiny", help="build a tiny random checkpoint of a real architecture, offline")
+    tiny.add_argument("--family", required=True, choices=["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"])
+    tiny.add_argument("--out", required=True, help="output directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_tiny)
+
+    samples = sub.add_parser("samples", help="write the demo corpus (PDFs, images, a video)")
+    samples.add_argument("out", help="output directory")
+    samples.add_argument("--bad", action="store_true", help="also write broken inputs (error handling demo)")
+    samples.set_defaults(func=_cmd_samples)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `cpmv` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

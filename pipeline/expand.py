@@ -1,0 +1,168 @@
+"""Stage 1 (CPU actors): read a source, sniff it, expand it into units with pixels ready for the engine.
+
+Every source yields at least one row: its units, or one `unit_index = -1` row saying why it has none.
+Pixels travel as raw RGB bytes (no PNG/JPEG encode: encoding, not rendering, is the CPU cost; see
+DESIGN.md section 6) with their width and height.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import JobConfig
+from pipeline.media.base import MediaError, MediaUnit
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+UNIT_KIND = {"pdf": "page", "image": "image", "video": "clip"}
+
+
+def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> dict[str, Any]:
+    row = {
+        "source_uri": src["source_uri"],
+        "source_id": src["source_id"],
+        "size_bytes": src.get("size"),
+        "media_type": media_type,
+        "tasks": list(src["tasks"]),
+        "unit_index": -1,
+        "unit_kind": "source",
+        "pixels": [],
+        "width": None,
+        "height": None,
+        "num_frames": 0,
+        "text_layer": None,
+        "start_s": None,
+        "end_s": None,
+        "flags": [],
+        "error_type": None,
+        "error_message": None,
+        "preprocess_ms": None,
+    }
+    row.update(extra)
+    return row
+
+
+# Units per output table: small blocks keep a 500-page PDF from becoming one huge block in memory.
+CHUNK_UNITS = 8
+
+
+class ExpandSource:
+    """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
+
+    def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]]):
+        self.job = job
+        self.pixel_budget = pixel_budget
+        self.task_kinds = task_kinds  # task name -> unit kinds it applies to
+
+    def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
+        from schemas.records import UNITS_SCHEMA, to_table
+
+        rows: list[dict[str, Any]] = []
+        for src in batch.to_pylist():
+            for row in self._expand(src):
+                rows.append(row)
+                if len(rows) >= CHUNK_UNITS:
+                    yield to_table(rows, UNITS_SCHEMA)
+                    rows = []
+        if rows:
+            yield to_table(rows, UNITS_SCHEMA)
+
+    def _expand(self, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        from pipeline import storage
+        from pipeline.media.sniff import SNIFF_BYTES, sniff
+
+        t0 = time.perf_counter()
+        try:
+            # The listing's size saves one request per object.
+            data = storage.read_bytes(src["source_uri"], self.job.storage, max_bytes=self.job.limits.max_bytes,
+                                      size=src.get("size"))
+        except storage.ObjectTooLargeError as err:
+            yield _source_row(src, None, error_type="too_large", error_message=str(err))
+            return
+        except Exception as err:  # noqa: BLE001 - any read failure becomes this source's error row
+            msg = storage.redact(f"{type(err).__name__}: {err}", self.job.storage)
+            yield _source_row(src, None, error_type="read_failed", error_message=msg)
+            return
+        if not data:
+            yield _source_row(src, "unknown", error_type="empty_file", error_message="the file is empty (0 bytes)")
+            return
+        media_type = sniff(data[:SNIFF_BYTES])
+        if media_type not in UNIT_KIND:
+            yield _source_row(
+                src, "unknown", error_type="unsupported_media_type",
+                error_message=f"not a PDF, image or video by its content (first bytes {data[:16]!r})",
+            )
+            return
+        kind = UNIT_KIND[media_type]
+        tasks = [t for t in src["tasks"] if kind in self.task_kinds[t]]
+        if not tasks:
+            yield _source_row(
+                src, media_type, tasks=list(src["tasks"]), error_type="task_not_applicable",
+                error_message=f"no task of this job applies to {media_type} ({kind} units); "
+                f"tasks: {', '.join(src['tasks'])}",
+            )
+            return
+        src = {**src, "tasks": tasks}
+        try:
+            last = t0
+            for unit in self._units(media_type, data):
+                now = time.perf_counter()
+                yield self._unit_row(src, media_type, unit, (now - last) * 1000.0)
+                last = time.perf_counter()
+        except MediaError as err:
+            yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message)
+        except Exception as err:  # noqa: BLE001 - a bug or an unforeseen file must not kill the job
+            yield _source_row(src, media_type, error_type="preprocess_failed", error_message=f"{type(err).__name__}: {err}")
+
+    def _units(self, media_type: str, data: bytes) -> Iterator[MediaUnit]:
+        j = self.job
+        if media_type == "pdf":
+            from pipeline.media.pdf import expand_pdf
+
+            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget)
+        if media_type == "image":
+            from pipeline.media.image import expand_image
+
+            return expand_image(data, j.image, j.limits)
+        from pipeline.media.video import expand_video
+
+        return expand_video(data, j.video, j.limits)
+
+    def _unit_row(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> dict[str, Any]:
+        frames = [self._fit(f) for f in unit.frames] if unit.error_type is None else []
+        h, w = (frames[0].shape[:2]) if frames else (None, None)
+        return _source_row(
+            src, media_type,
+            unit_index=unit.unit_index,
+            unit_kind=unit.unit_kind,
+            pixels=[f.tobytes() for f in frames],
+            width=w,
+            height=h,
+            num_frames=len(frames),
+            text_layer=unit.text_layer,
+            start_s=unit.start_s,
+            end_s=unit.end_s,
+            flags=list(unit.flags),
+            error_type=unit.error_type,
+            error_message=unit.error_message,
+            preprocess_ms=ms,
+        )
+
+    def _fit(self, frame):
+        """Downscale images far above what the model can see, so the object store moves less.
+
+        The processor resizes to its own grid anyway; above 4x its pixel budget extra pixels are waste.
+        """
+        import numpy as np
+
+        h, w = frame.shape[:2]
+        if h * w <= 4 * self.pixel_budget:
+            return np.ascontiguousarray(frame, dtype=np.uint8)
+        from PIL import Image
+
+        scale = (self.pixel_budget / (h * w)) ** 0.5
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BICUBIC))

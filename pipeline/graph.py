@@ -1,0 +1,37 @@
+"""Builds the job's Ray Data plan, in one place: sources -> expand (CPU actors) -> engine pool.
+
+The plan streams: expansion, inference and writing overlap, and no stage waits for the previous
+one to finish over the whole corpus.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import JobConfig
+from pipeline.expand import ExpandSource
+from pipeline.infer import InferStage, RunContext
+from pipeline.resources import StagePlan
+
+
+def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, plan: StagePlan,
+               pixel_budget: int) -> Any:
+    """Return the (lazy) results Dataset for `sources` (rows with source_uri, source_id, size, tasks)."""
+    import ray.data
+
+    task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
+    ds = ray.data.from_items(sources, override_num_blocks=plan.num_source_blocks)
+    ds = ds.map_batches(
+        ExpandSource,
+        fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds},
+        batch_size=1,  # one source per call: a slow PDF never holds up a batch of others
+        batch_format="pyarrow",
+        **plan.preprocess,
+    )
+    ds = ds.map_batches(
+        InferStage,
+        fn_constructor_kwargs={"job": job, "ctx": ctx},
+        batch_format="pyarrow",
+        **plan.infer,
+    )
+    return ds

@@ -1,0 +1,95 @@
+"""The one place that turns a job's settings into Ray resources and starts or joins Ray.
+
+Stages never choose their own CPUs, GPUs or concurrency: they receive the kwargs built here, so a
+reader can see every resource decision of a job in this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Ray Data kwargs of every stage."""
+
+    num_source_blocks: int
+    preprocess: dict[str, Any]
+    infer: dict[str, Any]
+    infer_batch_size: int
+    write: dict[str, Any]
+
+
+# Writing Parquet is I/O bound; a fraction of a CPU keeps write tasks from waiting behind actors
+# that hold whole CPUs (on a 2-core machine that wait would be forever).
+WRITE_CPUS = 0.25
+
+
+def init_ray(job: JobConfig) -> None:
+    """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1."""
+    address = job.ray.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # A local cluster must not bind the machine's external interface (see DESIGN.md section 6);
+        # this must be set before ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address is None:
+        kwargs["num_cpus"] = job.ray.num_cpus or os.cpu_count() or 1
+    else:
+        kwargs["address"] = address
+    ray.init(**kwargs)
+    ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
+    # Progress bars flood CI logs and kubectl logs; the run summary reports throughput instead.
+    ctx.enable_progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float]) -> StagePlan:
+    """Decide CPU actor counts, engine pool size and per-actor resources from the job and the cluster."""
+    cpus = int(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0))
+    e = job.engine
+    gpus_per_replica = e.gpus_per_replica if e.gpus_per_replica is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_replica > 0 and gpus < gpus_per_replica * e.replicas:
+        log.warning(
+            "engine asks for %d replicas x %.2f GPU but the cluster has %.2f GPUs; replicas will wait for GPUs",
+            e.replicas, gpus_per_replica, gpus,
+        )
+    # Leave the engine replicas and the writers their CPUs; the rest preprocess (at least one actor,
+    # on a fraction of a CPU when the cluster is that small).
+    free_cpus = max(0.5, cpus - e.replicas * e.cpus_per_replica - WRITE_CPUS)
+    pre = job.ray.preprocess_concurrency or max(1, min(int(free_cpus), num_sources))
+    pre_cpus = min(1.0, free_cpus / pre)
+    from ray.data import ActorPoolStrategy
+
+    infer: dict[str, Any] = {
+        "compute": ActorPoolStrategy(size=e.replicas),
+        "num_cpus": e.cpus_per_replica,
+        "batch_size": e.batch_size,
+    }
+    if gpus_per_replica > 0:
+        infer["num_gpus"] = gpus_per_replica
+    return StagePlan(
+        # Several blocks per preprocess actor so one large PDF does not hold up the others.
+        num_source_blocks=max(1, min(num_sources, pre * 4)),
+        preprocess={"compute": ActorPoolStrategy(size=pre), "num_cpus": round(pre_cpus, 3)},
+        infer=infer,
+        infer_batch_size=e.batch_size,
+        write={"num_cpus": WRITE_CPUS},
+    )

@@ -1,0 +1,100 @@
+"""Tasks: what is asked of the model for each unit, with versioned prompts.
+
+A prompt's version is part of every result row and of the resume fingerprint: change the text and
+bump the version, and a rerun redoes the work instead of mixing answers to two different questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipeline.config import ModelConfig, TaskConfig
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A built-in task: its prompt, the prompt's version, and which unit kinds it applies to."""
+
+    name: str
+    prompt: str
+    version: str
+    unit_kinds: frozenset[str]
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "ocr",
+            "Extract all text in this image in natural reading order. Keep headings, lists and paragraphs; "
+            "write tables as Markdown tables and formulas as LaTeX. Output only the extracted text. "
+            "If the image contains no text, output nothing.",
+            "ocr-v1",
+            frozenset({"page", "image"}),
+        ),
+        TaskSpec(
+            "table",
+            "Convert every table in this image to a GitHub-flavoured Markdown table, in reading order, "
+            "with one blank line between tables. Output only the tables; output nothing if there is no table.",
+            "table-v1",
+            frozenset({"page", "image"}),
+        ),
+        TaskSpec(
+            "caption",
+            "Describe this image in one detailed paragraph: the main subjects, their attributes and actions, "
+            "the setting, and any visible text.",
+            "caption-v1",
+            frozenset({"page", "image"}),
+        ),
+        TaskSpec(
+            "video_caption",
+            "Describe what happens in this video clip in one paragraph: the scene, the subjects, their actions "
+            "in order, and any visible text.",
+            "video-caption-v1",
+            frozenset({"clip"}),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ResolvedTask:
+    """A task as one job runs it: prompt text, version and generation settings."""
+
+    name: str
+    prompt: str
+    prompt_version: str
+    unit_kinds: frozenset[str]
+    max_new_tokens: int
+    temperature: float
+
+    def applies_to(self, unit_kind: str) -> bool:
+        return unit_kind in self.unit_kinds
+
+
+def resolve_task(cfg: TaskConfig) -> ResolvedTask:
+    """Combine the built-in task with a job's settings (a custom prompt gets a content-hash version)."""
+    spec = TASKS[cfg.name]
+    prompt, version = spec.prompt, spec.version
+    if cfg.prompt:
+        prompt = cfg.prompt
+        version = "custom-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+    return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature)
+
+
+def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str) -> str:
+    """The resume key of a task's results: same fingerprint, same question asked of the same model."""
+    payload = {
+        "task": task.name,
+        "prompt_version": task.prompt_version,
+        "model": model_id,
+        "revision": model.revision,
+        "max_slice_nums": model.max_slice_nums,
+        "use_image_id": model.use_image_id,
+        "downsample_mode": model.downsample_mode,
+        "max_new_tokens": task.max_new_tokens,
+        "temperature": task.temperature,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
