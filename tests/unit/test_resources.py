@@ -1,0 +1,38 @@
+"""Resource wiring: what the planner asks Ray for, on small and GPU clusters."""
+
+from pipeline.config import load_job_data
+from pipeline.resources import WRITE_CPUS, plan_stages
+
+BASE = {"input": {"uris": ["x"]}, "output": {"uri": "o"}}
+
+
+def _total_cpus(plan):
+    pre, inf = plan.preprocess, plan.infer
+    return pre["compute"].min_size * pre["num_cpus"] + inf["compute"].min_size * inf["num_cpus"] + WRITE_CPUS
+
+
+def test_two_core_machine_fits_every_stage():
+    """Actors holding whole CPUs must leave room for write tasks, or the plan deadlocks."""
+    plan = plan_stages(load_job_data(BASE), num_sources=100, resources={"CPU": 2.0})
+    assert _total_cpus(plan) <= 2.0
+    assert "num_gpus" not in plan.infer and plan.infer["batch_size"] == 4
+
+
+def test_gpu_cluster_gets_one_gpu_per_replica_by_default():
+    job = load_job_data({**BASE, "engine": {"replicas": 4, "batch_size": 16}})
+    plan = plan_stages(job, num_sources=1000, resources={"CPU": 64.0, "GPU": 4.0})
+    assert plan.infer["num_gpus"] == 1.0 and plan.infer["compute"].min_size == 4
+    assert plan.preprocess["compute"].min_size == 64 - 4 - 1  # the rest of the cores preprocess
+    assert plan.preprocess["num_cpus"] == 1.0
+
+
+def test_fractional_gpus_and_explicit_preprocess_concurrency():
+    job = load_job_data({**BASE, "engine": {"replicas": 2, "gpus_per_replica": 0.5},
+                         "ray": {"preprocess_concurrency": 3}})
+    plan = plan_stages(job, num_sources=10, resources={"CPU": 16.0, "GPU": 1.0})
+    assert plan.infer["num_gpus"] == 0.5 and plan.preprocess["compute"].min_size == 3
+
+
+def test_few_sources_few_actors():
+    plan = plan_stages(load_job_data(BASE), num_sources=2, resources={"CPU": 32.0})
+    assert plan.preprocess["compute"].min_size == 2 and plan.num_source_blocks == 2
