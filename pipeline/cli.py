@@ -63,6 +63,26 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_units import inspect_units, load_inspect_job, resolve_family, summarize
+    from pipeline.sources import NoMatchError
+
+    try:
+        job = load_inspect_job(args.uri, args.job, args.set)
+        family = resolve_family(job, args.model)
+        records = []
+        for record in inspect_units(job, family):
+            print(json.dumps(record), flush=True)
+            records.append({k: record[k] for k in ("source_uri", "unit_index", "error_type", "visual_tokens",
+                                                   "placeholder_tokens")})
+    except (ConfigError, NoMatchError, ValueError) as err:
+        print(f"cpmv: {err}", file=sys.stderr)
+        return 2
+    if args.summary:
+        print(json.dumps({"summary": summarize(records)}), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpmv", description="MiniCPM-V batch pipeline on Ray Data")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -94,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("out", help="output directory")
     samples.add_argument("--bad", action="store_true", help="also write broken inputs (error handling demo)")
     samples.set_defaults(func=_cmd_samples)
+
+    insp = sub.add_parser("inspect", help="print, per unit, the size, slice grid and visual tokens a run would "
+                          "hand the model (one JSON object per line; no model is run)")
+    insp.add_argument("uri", metavar="URI_OR_PATH", help="file, directory/prefix or glob to inspect")
+    insp.add_argument("--job", help="job file whose settings to use (its inputs are replaced by URI_OR_PATH)")
+    insp.add_argument("--model", metavar="FAMILY", help="model family to plan for (default: the job's, else "
+                      "minicpmv4_6); also minicpmv2_0, 2_5, 2_6, 4_0, 4_5")
+    insp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a job field, as in `cpmv run` (repeatable)")
+    insp.add_argument("--summary", action="store_true", help="print totals as JSON on stderr at the end")
+    insp.set_defaults(func=_cmd_inspect)
     return p
 
 

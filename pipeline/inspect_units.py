@@ -1,0 +1,162 @@
+"""`cpmv inspect`: what a run would hand the model, one JSON object per unit, without running a model.
+
+It goes through the real preprocess path (source discovery, then `ExpandSource`, the callable the
+Ray plan maps over sources, called directly: no Ray) and then asks `pipeline.media.slicing` what the
+model's processor will make of each unit: slice grid, visual tokens, placeholder tokens. Users size
+jobs and estimate cost with it; tests use it to check what a run would ship.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, InputConfig, JobConfig, load_job, load_job_data
+from pipeline.media import slicing
+
+DEFAULT_FAMILY = "minicpmv4_6"
+
+
+def load_inspect_job(uri: str, job_path: str | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """The job to inspect `uri` with: `job_path` (its inputs replaced by `uri`) or a default job.
+
+    The default job runs every task on the kinds it applies to (OCR on pages and images, captions on
+    clips), so no unit is skipped as "task not applicable"; `overrides` are `--set` items.
+    """
+    if job_path:
+        job = load_job(job_path, overrides)
+        return job.model_copy(update={"input": InputConfig(uris=[uri])})
+    data: dict[str, Any] = {
+        "name": "inspect",
+        "input": {"uris": [uri]},
+        "output": {"uri": str(Path(tempfile.gettempdir()) / "cpmv-inspect")},  # never written
+        "tasks": [{"name": "ocr"}, {"name": "video_caption"}],
+    }
+    return load_job_data(data, overrides, source="<inspect default job>")
+
+
+def resolve_family(job: JobConfig, override: str | None = None) -> str:
+    """--model, else the job's model.family, else the family of a local checkpoint, else 4.6."""
+    if override:
+        slicing.get_slice_spec(override)  # ValueError naming the known families
+        return override
+    if job.model.family != "auto":
+        return job.model.family
+    if Path(job.model.name, "config.json").is_file():
+        from pipeline.models import detect_family
+
+        return detect_family(job.model.name)
+    return DEFAULT_FAMILY
+
+
+def pixel_budget(job: JobConfig, family: str) -> int:
+    """The render budget a run of `job` uses (pipeline/run.py), for any slicing family."""
+    from pipeline import models
+
+    if family in models.FAMILIES:
+        spec = models.get_family(family)
+        return models.pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
+    sspec = slicing.get_slice_spec(family)
+    return (job.model.max_slice_nums or sspec.image_max_slice_nums) * sspec.scale_resolution**2
+
+
+def inspect_units(job: JobConfig, family: str) -> Iterator[dict[str, Any]]:
+    """One record per unit (and per failed source) of every source `job.input` names, in order."""
+    import pyarrow as pa
+
+    from pipeline.expand import ExpandSource
+    from pipeline.sources import discover
+    from pipeline.tasks import resolve_task
+
+    tasks = {t.name: resolve_task(t) for t in job.tasks}
+    expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()})
+    for src in discover(job.input, job.storage):
+        row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks)}
+        for table in expander(pa.Table.from_pylist([row])):
+            # Pixels are not needed here: drop them before converting to Python objects.
+            for unit in table.drop_columns(["pixels"]).to_pylist():
+                yield unit_record(unit, job, family)
+
+
+def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
+    """The JSON record of one unit row (UNITS_SCHEMA, without pixels)."""
+    text = unit.get("text_layer")
+    rec: dict[str, Any] = {
+        "source_uri": unit["source_uri"],
+        "source_id": unit["source_id"],
+        "unit_index": unit["unit_index"],
+        "unit_kind": unit["unit_kind"],
+        "media_type": unit["media_type"],
+        "tasks": unit["tasks"],
+        "family": family,
+        "width": unit["width"],
+        "height": unit["height"],
+        "frames": unit["num_frames"],
+        "tiles": 1,
+        "slice_grid": None,
+        "overview": None,
+        "slice_size": None,
+        "num_slices": 0,
+        "visual_tokens": None,
+        "placeholder_tokens": None,
+        "tokens_exact": None,
+        "text_layer_chars": None if text is None else len(text),
+        "start_s": unit["start_s"],
+        "end_s": unit["end_s"],
+        "flags": unit["flags"],
+        "error_type": unit["error_type"],
+        "error_message": unit["error_message"],
+    }
+    if unit["error_type"] is not None or not unit["width"] or not unit["height"]:
+        return rec
+    try:
+        rec.update(_plan(unit, job, family))
+    except ValueError as err:  # e.g. a clip for a generation without video
+        rec["plan_error"] = str(err)
+    return rec
+
+
+def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
+    m = job.model
+    w, h = unit["width"], unit["height"]
+    spec = slicing.get_slice_spec(family)
+    mode = m.downsample_mode if spec.native else None
+    if unit["unit_kind"] == "clip":
+        # The engine's video defaults: 1 slice per frame and no image ids; the job's downsample mode.
+        clip = slicing.plan_video(family, w, h, unit["num_frames"], downsample_mode=mode)
+        frame = clip.frame
+        visual, placeholder = clip.visual_tokens, clip.placeholder_tokens
+        extra = {"visual_tokens_per_frame": frame.visual_tokens}
+    else:
+        # Each page/image is the only image of its prompt (image id 0), with the job's model options.
+        frame = slicing.plan_image(family, w, h, max_slice_nums=m.max_slice_nums, downsample_mode=mode,
+                                   use_image_id=m.use_image_id if spec.image_ids else None)
+        visual, placeholder = frame.visual_tokens, frame.placeholder_tokens
+        extra = {}
+    return {
+        "slice_grid": None if frame.grid is None else list(frame.grid),
+        "overview": list(frame.overview),
+        "slice_size": list(frame.slices[0]) if frame.slices else None,
+        "num_slices": len(frame.slices),
+        "visual_tokens": visual,
+        "placeholder_tokens": placeholder,
+        "tokens_exact": frame.exact,
+        **extra,
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over inspected records: sources, units, failed units, tokens."""
+    units = [r for r in records if r["unit_index"] >= 0]
+    return {
+        "sources": len({r["source_uri"] for r in records}),
+        "units": len(units),
+        "failed": sum(1 for r in records if r["error_type"] is not None),
+        "visual_tokens": sum(r["visual_tokens"] or 0 for r in records),
+        "placeholder_tokens": sum(r["placeholder_tokens"] or 0 for r in records),
+    }
+
+
+__all__ = ["ConfigError", "inspect_units", "load_inspect_job", "resolve_family", "summarize", "unit_record"]
