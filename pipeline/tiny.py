@@ -94,9 +94,12 @@ _TEXT = {  # Qwen3.5 hybrid (one full-attention and one gated-deltanet layer), s
     # partial_rotary_factor 0.25 -> 8 rotary dims -> 4 frequencies = sum(mrope_section)
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     "layer_types": ["full_attention", "linear_attention"],
-    "linear_conv_kernel_dim": 2,
-    "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
+    # vLLM's CPU gated-deltanet kernels accept only conv width 4 and linear head dims of 64/128
+    # ("Unexpected block size, 2 x 64", "Unexpected head dim size, 32"); the real checkpoints use
+    # 4 and 128, so these are the smallest values that run through both transformers and vLLM.
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 64,
+    "linear_value_head_dim": 64,
     "linear_num_key_heads": 2,
     "linear_num_value_heads": 4,
 }
