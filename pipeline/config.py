@@ -97,12 +97,34 @@ class PdfConfig(_Model):
     min_dpi: float = Field(72.0, gt=0, description="Floor of the render resolution.")
     max_dpi: float = Field(300.0, gt=0, description="Cap of the render resolution.")
     extract_text_layer: bool = Field(True, description="Store each page's embedded text layer with the unit.")
+    text_layer_min_chars: int = Field(
+        50, ge=1, description="`text_layer: use` trusts a page's text layer only with at least this many characters..."
+    )
+    text_layer_min_quality: float = Field(
+        0.97, ge=0, le=1, description="...and at least this fraction of them printable (no U+FFFD, control or "
+        "private-use glyphs, which broken font encodings produce)."
+    )
 
     @model_validator(mode="after")
     def _order(self) -> "PdfConfig":
         if self.min_dpi > self.max_dpi:
             raise ValueError(f"pdf.min_dpi ({self.min_dpi}) must not exceed pdf.max_dpi ({self.max_dpi})")
         return self
+
+
+class TilingConfig(_Model):
+    """Cutting images too large or too long for the model's slicer into overlapping tiles."""
+
+    enabled: bool = Field(True, description="Tile posters, drawings and long receipts instead of shrinking them.")
+    max_factor: float = Field(
+        4.0, gt=1, description="Tile when fitting into one pixel budget would shrink the area more than this."
+    )
+    max_aspect: float = Field(8.0, gt=1, description="Tile images longer than this ratio (receipts, screenshots).")
+    overlap: float = Field(0.05, ge=0, lt=0.5, description="Overlap between neighbouring tiles, as a fraction of a tile.")
+    max_tiles: int = Field(16, ge=1, description="Most tiles per unit; beyond it tiles grow rather than content dropped.")
+    min_page_dpi: float = Field(
+        110.0, gt=0, description="A PDF page whose budget DPI falls below this renders at it and is tiled (posters)."
+    )
 
 
 class ImageConfig(_Model):
@@ -168,6 +190,13 @@ class TaskConfig(_Model):
     max_new_tokens: int = Field(1024, ge=1, description="Generation cap per unit.")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
     prompt: str | None = Field(None, description="Replace the built-in prompt (its version becomes `custom-<hash>`).")
+    text_layer: Literal["ignore", "hint", "use"] = Field(
+        "ignore",
+        description="PDF text layer: `ignore` it; `hint`: add it to the prompt as an anchor (olmOCR-style); `use`: "
+        "skip the model for pages whose text layer passes pdf.text_layer_min_chars/min_quality (results "
+        "`output_source` = text_layer). Scans and broken layers still go to the model.",
+    )
+    hint_max_chars: int = Field(4000, ge=100, description="With `hint`, the most text-layer characters put in a prompt.")
 
 
 class OutputConfig(_Model):
@@ -209,6 +238,7 @@ class JobConfig(_Model):
     pdf: PdfConfig = Field(default_factory=PdfConfig, description="PDF rendering.")
     image: ImageConfig = Field(default_factory=ImageConfig, description="Image decoding.")
     video: VideoConfig = Field(default_factory=VideoConfig, description="Video sampling.")
+    tiling: TilingConfig = Field(default_factory=TilingConfig, description="Tiling of oversized images and pages.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
 
     @field_validator("tasks")

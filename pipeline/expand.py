@@ -33,7 +33,10 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
         "width": None,
         "height": None,
         "num_frames": 0,
+        "tile_index": None,
+        "num_tiles": None,
         "text_layer": None,
+        "text_layer_quality": None,
         "start_s": None,
         "end_s": None,
         "flags": [],
@@ -52,10 +55,19 @@ CHUNK_UNITS = 8
 class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
-    def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]]):
+    def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str):
         self.job = job
         self.pixel_budget = pixel_budget
         self.task_kinds = task_kinds  # task name -> unit kinds it applies to
+        self.family = family
+        # The processor settings the engine will use for images (None: the family's default).
+        m = job.model
+        from pipeline.media.slicing import get_slice_spec
+
+        self.image_settings = {"max_slice_nums": m.max_slice_nums or get_slice_spec(family).image_max_slice_nums}
+        if m.downsample_mode:
+            self.image_settings["downsample_mode"] = m.downsample_mode
+        self.video_settings = {k: v for k, v in self.image_settings.items() if k == "downsample_mode"}
 
     def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
         from schemas.records import UNITS_SCHEMA, to_table
@@ -110,7 +122,7 @@ class ExpandSource:
             last = t0
             for unit in self._units(media_type, data):
                 now = time.perf_counter()
-                yield self._unit_row(src, media_type, unit, (now - last) * 1000.0)
+                yield from self._unit_rows(src, media_type, unit, (now - last) * 1000.0)
                 last = time.perf_counter()
         except MediaError as err:
             yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message)
@@ -131,38 +143,64 @@ class ExpandSource:
 
         return expand_video(data, j.video, j.limits)
 
-    def _unit_row(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> dict[str, Any]:
-        frames = [self._fit(f) for f in unit.frames] if unit.error_type is None else []
-        h, w = (frames[0].shape[:2]) if frames else (None, None)
-        return _source_row(
-            src, media_type,
-            unit_index=unit.unit_index,
-            unit_kind=unit.unit_kind,
-            pixels=[f.tobytes() for f in frames],
-            width=w,
-            height=h,
-            num_frames=len(frames),
-            text_layer=unit.text_layer,
-            start_s=unit.start_s,
-            end_s=unit.end_s,
-            flags=list(unit.flags),
-            error_type=unit.error_type,
-            error_message=unit.error_message,
-            preprocess_ms=ms,
+    def _unit_rows(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> Iterator[dict[str, Any]]:
+        """One row per unit, or one per tile when the unit is too large or too long for the slicer."""
+        from pipeline.media import textlayer
+
+        base = dict(
+            unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
+            text_layer_quality=textlayer.quality(unit.text_layer), start_s=unit.start_s, end_s=unit.end_s,
+            flags=list(unit.flags), error_type=unit.error_type, error_message=unit.error_message, preprocess_ms=ms,
         )
+        if unit.error_type is not None or not unit.frames:
+            yield _source_row(src, media_type, **base)
+            return
+        video = unit.unit_kind == "clip"
+        tiles = None if video else self._tiles(unit.frames[0])
+        if tiles is None:
+            frames = [self._fit(f, video) for f in unit.frames]
+            yield _source_row(src, media_type, **base, **self._pixels(frames))
+            return
+        from pipeline.media.tiling import cut
 
-    def _fit(self, frame):
-        """Downscale images far above what the model can see, so the object store moves less.
+        for tile, part in zip(tiles, cut(unit.frames[0], tiles)):
+            yield _source_row(src, media_type, **base, tile_index=tile.index, num_tiles=len(tiles),
+                              **self._pixels([self._fit(part, False)]))
 
-        The processor resizes to its own grid anyway; above 4x its pixel budget extra pixels are waste.
+    @staticmethod
+    def _pixels(frames: list) -> dict[str, Any]:
+        h, w = frames[0].shape[:2]
+        return {"pixels": [f.tobytes() for f in frames], "width": w, "height": h, "num_frames": len(frames)}
+
+    def _tiles(self, frame):
+        from pipeline.media.tiling import needs_tiling, plan_tiles
+
+        t = self.job.tiling
+        h, w = frame.shape[:2]
+        if not t.enabled or not needs_tiling(w, h, self.pixel_budget, t.max_factor, t.max_aspect):
+            return None
+        tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
+        return tiles if len(tiles) > 1 else None
+
+    def _fit(self, frame, video: bool):
+        """Resize on the CPU to the size the processor will work at, when that keeps its plan exact.
+
+        The engine's processor then has (almost) nothing left to resample and the object store moves
+        fewer bytes. Where no such size exists, images far above the budget are still shrunk to it
+        (beyond 4x the budget the processor would discard those pixels anyway).
         """
         import numpy as np
 
+        from pipeline.media.slicing import model_input_size
+
         h, w = frame.shape[:2]
-        if h * w <= 4 * self.pixel_budget:
+        settings = self.video_settings if video else self.image_settings
+        target = model_input_size(self.family, w, h, video=video, **settings)
+        if target is None and h * w > 4 * self.pixel_budget:
+            scale = (self.pixel_budget / (h * w)) ** 0.5
+            target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if target is None:
             return np.ascontiguousarray(frame, dtype=np.uint8)
         from PIL import Image
 
-        scale = (self.pixel_budget / (h * w)) ** 0.5
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BICUBIC))
+        return np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.BICUBIC))

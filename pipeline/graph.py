@@ -23,7 +23,8 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
     ds = ray.data.from_items(sources, override_num_blocks=plan.num_source_blocks)
     ds = ds.map_batches(
         ExpandSource,
-        fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds},
+        fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
+                               "family": ctx.family},
         batch_size=1,  # one source per call: a slow PDF never holds up a batch of others
         batch_format="pyarrow",
         **plan.preprocess,

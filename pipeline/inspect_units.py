@@ -71,7 +71,8 @@ def inspect_units(job: JobConfig, family: str) -> Iterator[dict[str, Any]]:
     from pipeline.tasks import resolve_task
 
     tasks = {t.name: resolve_task(t) for t in job.tasks}
-    expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()})
+    expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()},
+                            family)
     for src in discover(job.input, job.storage):
         row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks)}
         for table in expander(pa.Table.from_pylist([row])):
@@ -94,7 +95,9 @@ def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, 
         "width": unit["width"],
         "height": unit["height"],
         "frames": unit["num_frames"],
-        "tiles": 1,
+        "tiles": unit.get("num_tiles") or 1,
+        "tile_index": unit.get("tile_index"),
+        "text_layer_quality": unit.get("text_layer_quality"),
         "slice_grid": None,
         "overview": None,
         "slice_size": None,

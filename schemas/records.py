@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: tile_index, num_tiles, text_layer_quality
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -27,6 +27,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("media_type", pa.string()),  # pdf | image | video | unknown
         pa.field("unit_index", pa.int32(), nullable=False),  # -1: the source failed before any unit existed
         pa.field("unit_kind", pa.string(), nullable=False),  # page | image | clip | source
+        pa.field("tile_index", pa.int32()),  # reading-order tile of an oversized unit; null when not tiled
+        pa.field("num_tiles", pa.int32()),
         pa.field("task", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error_type", pa.string()),
@@ -42,6 +44,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("start_s", pa.float64()),
         pa.field("end_s", pa.float64()),
         pa.field("text_layer_chars", pa.int32()),
+        pa.field("text_layer_quality", pa.float32()),  # fraction of printable characters in the text layer
         pa.field("flags", pa.list_(pa.string())),
         pa.field("preprocess_ms", pa.float64()),
         pa.field("infer_ms", pa.float64()),
@@ -114,11 +117,14 @@ UNITS_SCHEMA = pa.schema(
         pa.field("tasks", pa.list_(pa.string())),
         pa.field("unit_index", pa.int32()),
         pa.field("unit_kind", pa.string()),
+        pa.field("tile_index", pa.int32()),
+        pa.field("num_tiles", pa.int32()),
         pa.field("pixels", pa.list_(pa.binary())),  # raw RGB uint8, one entry per frame
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("num_frames", pa.int32()),
         pa.field("text_layer", pa.string()),
+        pa.field("text_layer_quality", pa.float32()),
         pa.field("start_s", pa.float64()),
         pa.field("end_s", pa.float64()),
         pa.field("flags", pa.list_(pa.string())),

@@ -509,3 +509,36 @@ def plan_video(
         visual_tokens=frame.visual_tokens * num_frames,
         placeholder_tokens=frame.placeholder_tokens * num_frames + id_tokens,
     )
+
+
+def model_input_size(family: str, width: int, height: int, *, video: bool = False, **settings) -> tuple[int, int] | None:
+    """The smallest size to hand the processor so that it plans exactly as for the original image.
+
+    The processor cuts slices from the image resized to the grid's refine size (or, unsliced, uses
+    the overview). Resizing to that size on a CPU actor moves fewer bytes and leaves the engine's
+    processor a near no-op, but only when the processor then chooses the same grid, overview and
+    slice sizes; otherwise (or when it would not shrink the image) this returns None and the
+    original pixels go to the engine.
+    """
+    plan_fn = plan_video_frame if video else plan_image
+    try:
+        plan = plan_fn(family, width, height, **settings)
+    except ValueError:
+        return None
+    if plan.grid is None:
+        target = plan.overview
+    else:
+        cols, rows = plan.grid
+        target = (sum(w for w, _ in plan.slices[:cols]), sum(h for _, h in plan.slices[::cols][:rows]))
+    # The exact refine size first; then sizes of the original's aspect a little above it (the grid
+    # choice depends on aspect and area, so these often keep the plan where the refine size does not).
+    tw, th = target
+    scale = (tw * th / (width * height)) ** 0.5
+    candidates = [(tw, th)] + [(round(width * scale * k), round(height * scale * k)) for k in (1.0, 1.1, 1.25, 1.5)]
+    for cw, ch in candidates:
+        if cw < 1 or ch < 1 or cw * ch >= width * height:
+            continue  # never upscale on the CPU side: the processor does that from the original
+        again = plan_fn(family, cw, ch, **settings)
+        if (again.grid, again.overview, again.slices) == (plan.grid, plan.overview, plan.slices):
+            return cw, ch
+    return None
