@@ -58,6 +58,10 @@ class InferStage:
                 if unit["error_type"] is not None:
                     status = "skipped" if unit["error_type"] == "task_not_applicable" else "error"
                     out.append(self._row(unit, task, now, status=status))
+                elif task.text_layer == "use" and self._text_layer_usable(unit):
+                    if unit["tile_index"] in (None, 0):  # one row for the whole page, not one per tile
+                        out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
+                                             output_source="text_layer", tile_index=None, num_tiles=None))
                 else:
                     todo.append((unit, task, self._request(unit, task)))
         if todo:
@@ -67,6 +71,13 @@ class InferStage:
             for (unit, task, _), reply in zip(todo, replies, strict=True):
                 out.append(self._reply_row(unit, task, reply, per_ms, now))
         return to_table(out, RESULTS_SCHEMA)
+
+    def _text_layer_usable(self, unit: dict[str, Any]) -> bool:
+        from pipeline.media.textlayer import usable
+
+        pdf = self.job.pdf
+        return unit["unit_kind"] == "page" and usable(unit["text_layer"], pdf.text_layer_min_chars,
+                                                      pdf.text_layer_min_quality)
 
     def _request(self, unit: dict[str, Any], task: ResolvedTask) -> Request:
         import numpy as np
@@ -79,8 +90,10 @@ class InferStage:
             k: v for k, v in (("max_slice_nums", m.max_slice_nums), ("use_image_id", m.use_image_id),
                               ("downsample_mode", m.downsample_mode)) if v is not None
         }
+        # A tile shows part of a page: the whole page's text layer would mislead it, so no hint.
+        hint = unit["text_layer"] if unit["tile_index"] is None else None
         return Request(
-            prompt=task.prompt, images=frames, is_video=unit["unit_kind"] == "clip",
+            prompt=task.prompt_for(hint), images=frames, is_video=unit["unit_kind"] == "clip",
             max_new_tokens=task.max_new_tokens, temperature=task.temperature, processor_kwargs=opts,
         )
 
@@ -124,11 +137,13 @@ class InferStage:
         row = {
             "schema_version": SCHEMA_VERSION, "run_id": c.run_id,
             "source_uri": unit["source_uri"], "source_id": unit["source_id"], "media_type": unit["media_type"],
-            "unit_index": unit["unit_index"], "unit_kind": unit["unit_kind"], "task": task.name, "status": status,
+            "unit_index": unit["unit_index"], "unit_kind": unit["unit_kind"], "tile_index": unit["tile_index"],
+            "num_tiles": unit["num_tiles"], "task": task.name, "status": status,
             "error_type": unit["error_type"], "error_message": unit["error_message"],
             "width": unit["width"], "height": unit["height"], "num_frames": unit["num_frames"],
             "start_s": unit["start_s"], "end_s": unit["end_s"],
             "text_layer_chars": len(unit["text_layer"]) if unit["text_layer"] is not None else None,
+            "text_layer_quality": unit["text_layer_quality"],
             "flags": unit["flags"], "preprocess_ms": unit["preprocess_ms"],
             "model": c.model_id, "model_family": c.family, "engine": c.engine,
             "prompt_version": task.prompt_version, "fingerprint": c.fingerprints[task.name], "created_at": now,

@@ -94,7 +94,7 @@ def write_results(ds: Any, layout: Layout, run_id: str, rows_per_file: int, comp
     )
 
 
-_DOC_COLUMNS = ["source_uri", "source_id", "media_type", "unit_index", "task", "status",
+_DOC_COLUMNS = ["source_uri", "source_id", "media_type", "unit_index", "tile_index", "task", "status",
                 "error_type", "error_message", "flags", "fingerprint", "text"]
 
 
@@ -137,7 +137,8 @@ def _accumulate(d: dict[str, Any], r: dict[str, Any]) -> None:
     if r["status"] == "error" and d["error"] is None:
         d["error"] = (r["error_type"], r["error_message"])
     if r["task"] == "ocr" and r["status"] == "ok" and r["unit_index"] >= 0:
-        d["texts"][r["unit_index"]] = r["text"] or ""
+        # tiles of a page follow each other in reading order (tile_index null: an untiled page)
+        d["texts"][(r["unit_index"], r["tile_index"] if r["tile_index"] is not None else -1)] = r["text"] or ""
 
 
 def _doc_row(src: dict[str, Any], d: dict[str, Any] | None, run_id: str, now: datetime, with_text: bool) -> dict[str, Any]:

@@ -59,6 +59,12 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+HINT_TEMPLATE = (
+    "\n\nThe page's embedded text layer follows; it may be incomplete, out of order or wrong, so use it only "
+    "as a hint and trust the image:\n<text_layer>\n{text}\n</text_layer>"
+)
+
+
 @dataclass(frozen=True)
 class ResolvedTask:
     """A task as one job runs it: prompt text, version and generation settings."""
@@ -69,6 +75,14 @@ class ResolvedTask:
     unit_kinds: frozenset[str]
     max_new_tokens: int
     temperature: float
+    text_layer: str = "ignore"  # ignore | hint | use
+    hint_max_chars: int = 4000
+
+    def prompt_for(self, text_layer: str | None) -> str:
+        """The prompt for one unit: with `hint`, the page's text layer is appended (bounded)."""
+        if self.text_layer != "hint" or not text_layer or not text_layer.strip():
+            return self.prompt
+        return self.prompt + HINT_TEMPLATE.format(text=text_layer.strip()[: self.hint_max_chars])
 
     def applies_to(self, unit_kind: str) -> bool:
         return unit_kind in self.unit_kinds
@@ -81,7 +95,10 @@ def resolve_task(cfg: TaskConfig) -> ResolvedTask:
     if cfg.prompt:
         prompt = cfg.prompt
         version = "custom-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
-    return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature)
+    if cfg.text_layer == "hint":
+        version += "+hint"  # a different question: a rerun must not mix hinted and plain answers
+    return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature,
+                        cfg.text_layer, cfg.hint_max_chars)
 
 
 def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str) -> str:
@@ -96,5 +113,6 @@ def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str) -> str:
         "downsample_mode": model.downsample_mode,
         "max_new_tokens": task.max_new_tokens,
         "temperature": task.temperature,
+        "text_layer": task.text_layer,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
