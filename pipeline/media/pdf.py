@@ -11,6 +11,19 @@ Failure policy (codes are stable; they land in `error_type`):
   `limits.max_pages` (one cheap row per excess page, nothing rendered, so no page goes missing silently).
 - a document MuPDF had to repair (e.g. truncated) renders without exceptions but may lose pages: every
   unit gets flag "pdf_repaired", and a page that renders as one flat colour also gets "blank_page".
+
+Orientation: /Rotate is honoured (MuPDF applies it to page.rect and the render). On top of that, a page
+whose text layer mostly reads sideways or upside down once /Rotate is applied is rendered turned so the
+text reads upright (the turn goes into the render matrix: free, where numpy's rot90 plus a copy costs
+more than the render), and gets flag "rotated_90" / "rotated_180" / "rotated_270": the clockwise turn
+applied on top of /Rotate. The decision (>= 60% of the characters in one direction, >= 20 characters)
+is `orientation.dominant_rotation`. Pages without a text layer (scans) are not turned.
+
+Cost (one core, Letter pages of 1-2k characters): one MuPDF text page serves both the text layer and
+the directions, read per line through the low-level bindings: +0.1-0.3 ms per page over get_text()'s
+0.4-0.8 ms (render at the budget: 1-2 ms). extractDICT for every page would add 0.15-1.1 ms, so
+per-line character counts (which need it) are fetched only on pages whose lines do not all point the
+same way (+~0.5 ms there). Scans: no extra cost.
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import pymupdf
+from pymupdf import mupdf
 
 from pipeline.config import LimitsConfig, PdfConfig
 from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.orientation import dominant_rotation, line_angle, vertical_to_baseline
 
 _POINTS_PER_INCH = 72.0
+_TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT  # what page.get_text() uses: the text layer stays the same
 
 
 def expand_pdf(data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int) -> Iterator[MediaUnit]:
@@ -87,8 +103,12 @@ def _page_unit(
         # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does get_pixmap.
         dpi = choose_dpi(page.rect.width, page.rect.height, cfg, pixel_budget)
         dpi = _fit_max_pixels(page.rect, dpi, limits.max_pixels, flags)
-        frame = _render(page, dpi)
-        text = page.get_text() if cfg.extract_text_layer else None
+        # The switch is not in PdfConfig yet: on by default; a config field of this name turns it off.
+        detect = getattr(cfg, "detect_text_orientation", True)
+        text, rotation = _text_and_rotation(page, cfg.extract_text_layer, detect)
+        frame = _render(page, dpi, rotation)
+        if rotation:
+            flags.append(f"rotated_{rotation}")
     except Exception as err:  # MuPDF raises RuntimeError, ValueError and friends; any of them fails only this page
         return MediaUnit(
             unit_index=index, unit_kind="page", error_type="page_render_failed",
@@ -101,16 +121,81 @@ def _page_unit(
 
 def _fit_max_pixels(rect: pymupdf.Rect, dpi: float, max_pixels: int, flags: list[str]) -> float:
     """Lower the DPI (even below min_dpi) when the page would exceed limits.max_pixels: a poster must not OOM."""
-    pixels = (rect.width * dpi / _POINTS_PER_INCH) * (rect.height * dpi / _POINTS_PER_INCH)
-    if pixels <= max_pixels:
+    w_in, h_in = rect.width / _POINTS_PER_INCH, rect.height / _POINTS_PER_INCH
+    # MuPDF rounds the pixmap outwards, up to one extra pixel per axis: keep (w*d + 1) * (h*d + 1) <= max_pixels.
+    if (w_in * dpi + 1) * (h_in * dpi + 1) <= max_pixels:
         return dpi
     flags.append("dpi_capped_by_max_pixels")
-    return dpi * math.sqrt(max_pixels / pixels) * 0.999  # margin for MuPDF rounding the pixmap size up
+    a, b, c = w_in * h_in, w_in + h_in, 1 - max_pixels
+    return max((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a), 1e-3)
 
 
-def _render(page: pymupdf.Page, dpi: float) -> np.ndarray:
+def _text_and_rotation(page: pymupdf.Page, want_text: bool, detect: bool) -> tuple[str | None, int]:
+    """The page's text layer (as page.get_text() gives it) and the clockwise turn, on top of /Rotate,
+    that makes its text read upright; one MuPDF text page serves both."""
+    if not want_text and not detect:
+        return None, 0
+    textpage = page.get_textpage(flags=_TEXT_FLAGS)
+    text = textpage.extractText()
+    rotation = _text_rotation(page, textpage, text) if detect else 0
+    return (text if want_text else None), rotation
+
+
+def _text_rotation(page: pymupdf.Page, textpage: pymupdf.TextPage, text: str) -> int:
+    n_chars = len("".join(text.split()))
+    if n_chars == 0:
+        return 0  # no text layer (a scan): nothing to go by
+    directions = _line_directions(textpage)
+    if directions is not None and len({line_angle(dx, dy) for dx, dy in directions}) == 1:
+        # Every line points the same way: the weights cannot change the vote, so skip counting them.
+        lines = [(*directions[0], n_chars)]
+    else:
+        lines = _weighted_lines(textpage)
+    # Directions are on the unrotated page: get_textpage drops /Rotate while it extracts. (A /Rotate
+    # that is no multiple of 90 reads as page.rotation 0 and is not dropped: MuPDF's own snapping of
+    # it to a quarter turn is then already in the directions, and base 0 is right again.)
+    return dominant_rotation(lines, base_rotation=page.rotation)
+
+
+def _line_directions(textpage: pymupdf.TextPage) -> list[tuple[float, float]] | None:
+    """Each text line's baseline direction, straight from MuPDF's structs (no per-span Python dicts).
+
+    None if the low-level bindings do not look as expected (another pymupdf): the caller then uses
+    the public, slower extractDICT.
+    """
+    try:
+        directions = []
+        for block in textpage.this:
+            if block.m_internal.type != mupdf.FZ_STEXT_BLOCK_TEXT:
+                continue
+            first = next(iter(block), None)
+            line = first.m_internal if first is not None else None
+            while line is not None:
+                d = line.dir
+                directions.append(vertical_to_baseline(d.x, d.y) if line.wmode else (d.x, d.y))
+                line = line.next
+        return directions
+    except (AttributeError, TypeError):
+        return None
+
+
+def _weighted_lines(textpage: pymupdf.TextPage) -> list[tuple[float, float, int]]:
+    """(dx, dy, non-space characters) per text line, from the public extractDICT."""
+    lines = []
+    for block in textpage.extractDICT()["blocks"]:
+        for line in block.get("lines", ()):
+            n_chars = sum(len("".join(span["text"].split())) for span in line["spans"])
+            dx, dy = line["dir"]
+            lines.append((*(vertical_to_baseline(dx, dy) if line.get("wmode") else (dx, dy)), n_chars))
+    return lines
+
+
+def _render(page: pymupdf.Page, dpi: float, rotation: int = 0) -> np.ndarray:
     zoom = dpi / _POINTS_PER_INCH
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    matrix = pymupdf.Matrix(zoom, zoom)
+    if rotation:
+        matrix.prerotate(rotation)  # clockwise on the rendered page, on top of /Rotate
+    pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
     # Rows may be padded (stride > width*3); the copy detaches the array from MuPDF's buffer.
     rows = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.stride)
     return rows[:, : pix.width * 3].reshape(pix.height, pix.width, 3).copy()

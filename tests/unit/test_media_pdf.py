@@ -1,5 +1,6 @@
 """PDF pages: DPI from the model's pixel budget, text layer, rotation, broken and encrypted files."""
 
+import numpy as np
 import pymupdf
 import pytest
 
@@ -103,3 +104,178 @@ def test_owner_password_only_renders():
     data = doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw="o", user_pw="")
     (unit,) = _units(data)
     assert unit.frames and "readable" in unit.text_layer
+
+
+# --- Orientation from the text layer ------------------------------------------------------------
+# insert_text(rotate=R) turns text R degrees counterclockwise; /Rotate P turns the page P clockwise.
+# The page then shows its text turned (P - R) clockwise, and the expander turns it back by
+# (R - P) mod 360 clockwise, flagged "rotated_<that>".
+
+FOOTED = "L" * 30  # an asymmetric glyph: upright, every L has its foot at the bottom (and >= 20 chars)
+_START = {0: (72, 200), 90: (200, 700), 180: (540, 600), 270: (400, 72)}  # keeps 30 L's at 20pt on Letter
+
+
+def _turned_pdf(text_rotate=0, page_rotate=0, text=FOOTED) -> bytes:
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_text(_START[text_rotate], text, fontsize=20, rotate=text_rotate)
+    page.set_rotation(page_rotate)
+    return doc.tobytes()
+
+
+def _reads_upright(frame) -> bool:
+    """A single line of L's reads upright: its ink is wider than tall, and heavier at the bottom (the feet)."""
+    ink = frame.min(axis=2) < 128
+    ys, xs = np.nonzero(ink)
+    assert len(ys) > 100, "no text rendered"
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    wide = (right - left) > 3 * (bottom - top)
+    feet_down = ys.mean() > (top + bottom) / 2
+    return bool(wide and feet_down)
+
+
+def _rotation_flags(unit) -> list[str]:
+    return [f for f in unit.flags if f.startswith("rotated_")]
+
+
+def _raw_render(data: bytes, unit) -> np.ndarray:
+    """What pymupdf alone renders for page 0 at the unit's size (no orientation correction)."""
+    doc = pymupdf.open(stream=data, filetype="pdf")  # keep the document alive while its page renders
+    page = doc[0]
+    zoom = choose_dpi(page.rect.width, page.rect.height, PdfConfig(), BUDGET) / 72
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    frame = np.frombuffer(pix.samples_mv, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width * 3]
+    return frame.reshape(pix.height, pix.width, 3).copy()
+
+
+@pytest.mark.parametrize("page_rotate", [0, 90, 180, 270])
+@pytest.mark.parametrize("text_rotate", [0, 90, 180, 270])
+def test_turned_text_comes_out_upright(text_rotate, page_rotate):
+    data = _turned_pdf(text_rotate, page_rotate)
+    (unit,) = _units(data)
+    frame = unit.frames[0]
+    correction = (text_rotate - page_rotate) % 360
+    assert _reads_upright(frame), f"text {text_rotate} ccw, page /Rotate {page_rotate}: not upright"
+    assert _rotation_flags(unit) == ([f"rotated_{correction}"] if correction else [])
+    assert _reads_upright(_raw_render(data, unit)) == (correction == 0)  # the check itself tells them apart
+    # Upright L's on a portrait page stay portrait; text that ran up or down the page makes it landscape.
+    portrait = text_rotate in (0, 180)
+    assert (frame.shape[0] > frame.shape[1]) == portrait
+    assert 0.95 * BUDGET <= frame.shape[0] * frame.shape[1] <= 1.05 * BUDGET
+    # The text layer is what pymupdf gives for the page, whatever the turn.
+    doc = pymupdf.open(stream=data, filetype="pdf")
+    assert unit.text_layer == doc[0].get_text()
+    assert FOOTED in unit.text_layer
+
+
+def test_rotate_and_text_that_cancel_out_are_left_alone():
+    # A real landscape page: portrait MediaBox, /Rotate 90, text drawn turned so the viewer shows it upright.
+    data = _turned_pdf(text_rotate=90, page_rotate=90)
+    (unit,) = _units(data)
+    frame = unit.frames[0]
+    assert frame.shape[1] > frame.shape[0] and not _rotation_flags(unit)
+    assert np.array_equal(frame, _raw_render(data, unit))  # exactly MuPDF's own /Rotate render
+
+
+def test_upright_text_on_a_page_rotated_by_mistake_is_turned_back():
+    (unit,) = _units(_turned_pdf(text_rotate=0, page_rotate=90))
+    assert _rotation_flags(unit) == ["rotated_270"] and _reads_upright(unit.frames[0])
+    assert unit.frames[0].shape[0] > unit.frames[0].shape[1]  # back to portrait
+
+
+def _mixed_pdf(body_lines: int, label: str, label_rotate: int = 90) -> bytes:
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    for i in range(body_lines):
+        page.insert_text((72, 100 + 16 * i), f"Body line {i}: the quick brown fox jumps over the lazy dog.",
+                         fontsize=11)
+    page.insert_text((560, 700), label, fontsize=9, rotate=label_rotate)
+    return doc.tobytes()
+
+
+def test_small_rotated_label_on_an_upright_page_is_not_turned():
+    data = _mixed_pdf(body_lines=20, label="Rotated table caption, page margin note")
+    (unit,) = _units(data)
+    assert not _rotation_flags(unit)
+    assert np.array_equal(unit.frames[0], _raw_render(data, unit))
+    assert "Rotated table caption" in unit.text_layer and "Body line 19" in unit.text_layer
+
+
+def test_half_rotated_page_is_not_turned():
+    # A rotated table as large as the upright body: no direction has 60% of the characters.
+    body = "Body line 0: the quick brown fox jumps over the lazy dog."
+    data = _mixed_pdf(body_lines=1, label=body.replace("Body", "Table"), label_rotate=270)
+    (unit,) = _units(data)
+    assert not _rotation_flags(unit)
+    assert np.array_equal(unit.frames[0], _raw_render(data, unit))
+
+
+def test_mostly_rotated_page_is_turned():
+    # The other side of the rule: one upright line against ten sideways ones (>= 60%) turns the page.
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_text((72, 60), "Upright header line", fontsize=11)
+    for i in range(10):
+        page.insert_text((100 + 30 * i, 720), f"Sideways row {i}: quantity, price, total", fontsize=11, rotate=90)
+    (unit,) = _units(doc.tobytes())
+    assert _rotation_flags(unit) == ["rotated_90"]
+
+
+def test_vertical_cjk_text_is_not_turned():
+    # Vertical writing (wmode 1) advances down the page on an upright page: that is not sideways text.
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_font(fontname="japan", wmode=1)
+    for i in range(3):
+        page.insert_text((400 - 30 * i, 100), "日本語の縦書きテキストです", fontname="japan", fontsize=20)
+    (unit,) = _units(doc.tobytes())
+    assert not _rotation_flags(unit) and "縦書き" in unit.text_layer.replace("\n", "")
+
+
+def test_scanned_page_is_never_turned():
+    data = scan_pdf_bytes()
+    (unit,) = _units(data)
+    assert not _rotation_flags(unit)
+    assert np.array_equal(unit.frames[0], _raw_render(data, unit))
+
+
+def test_turned_even_without_storing_the_text_layer():
+    units = list(expand_pdf(_turned_pdf(text_rotate=180), PdfConfig(extract_text_layer=False), LimitsConfig(), BUDGET))
+    assert units[0].text_layer is None and _rotation_flags(units[0]) == ["rotated_180"]
+    assert _reads_upright(units[0].frames[0])
+
+
+def test_too_little_text_is_no_evidence():
+    (unit,) = _units(_turned_pdf(text_rotate=180, text="L" * 10))  # 10 characters: below MIN_CHARS
+    assert not _rotation_flags(unit)
+
+
+@pytest.mark.parametrize("data", [
+    _turned_pdf(90), _turned_pdf(180, 90), _mixed_pdf(20, "a rotated label here"), _mixed_pdf(1, "x" * 50, 270),
+])
+def test_fast_line_directions_agree_with_extract_dict(data, monkeypatch):
+    """The low-level line walk (fast path) and the public extractDICT (fallback) see the same lines."""
+    from pipeline.media import pdf as pdf_mod
+
+    doc = pymupdf.open(stream=data, filetype="pdf")
+    page = doc[0]
+    textpage = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
+    fast = pdf_mod._line_directions(textpage)
+    exact = pdf_mod._weighted_lines(textpage)
+    assert fast is not None and fast == [(dx, dy) for dx, dy, _ in exact]
+    flags_fast = _rotation_flags(_units(data)[0])
+    monkeypatch.setattr(pdf_mod, "_line_directions", lambda tp: None)  # as if the bindings had changed
+    assert _rotation_flags(_units(data)[0]) == flags_fast
+
+
+@pytest.mark.parametrize("raw_rotate,snapped", [("45", 90), ("135", 180), ("-90", 270), ("450", 90), ("44", 0)])
+def test_odd_rotate_values_follow_mupdf_snapping(raw_rotate, snapped):
+    # pymupdf reports page.rotation 0 for a /Rotate that is no multiple of 90, but MuPDF renders it
+    # snapped to the nearest quarter turn; the text directions then come with that turn applied.
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_text(_START[0], FOOTED, fontsize=20)
+    doc.xref_set_key(page.xref, "Rotate", raw_rotate)
+    (unit,) = _units(doc.tobytes())
+    assert _reads_upright(unit.frames[0])
+    assert _rotation_flags(unit) == ([f"rotated_{(-snapped) % 360}"] if snapped else [])
