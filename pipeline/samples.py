@@ -202,23 +202,58 @@ def logo_png_bytes(size: int = 256) -> bytes:
 
 def clip_mp4_bytes(seconds: float = 4.0, fps: int = 25, size: tuple[int, int] = (320, 240)) -> bytes:
     """An H.264/yuv420p MP4 with a square and a disc moving across a gradient background."""
+    return video_bytes(seconds, fps, size)
+
+
+def video_bytes(
+    seconds: float = 4.0,
+    fps: int = 25,
+    size: tuple[int, int] = (320, 240),
+    container_format: str = "mp4",
+    codec: str = "libx264",
+    rotation: int | None = None,
+    seekable: bool = True,
+) -> bytes:
+    """The demo clip in any container/codec PyAV can write (mp4, mov, matroska, webm, avi, mpegts).
+
+    `rotation` (counter-clockwise degrees) stores a display matrix, as phones do for portrait video.
+    `seekable=False` writes as to a pipe: Matroska/WebM then carry no duration (live recordings look so).
+    """
     width, height = size
-    buf = io.BytesIO()
+    buf: io.BytesIO | _WriteOnly = io.BytesIO() if seekable else _WriteOnly()
     # threads=1 and the bitexact flags (no version strings): the same bytes every run.
-    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream(
-            "libx264", rate=fps,
-            options={"crf": "32", "preset": "veryfast", "threads": "1", "g": str(fps), "flags": "+bitexact"},
-        )
+    with av.open(buf, mode="w", format=container_format, options={"fflags": "+bitexact"}) as container:
+        options = {"threads": "1", "g": str(fps), "flags": "+bitexact"}
+        if codec == "libx264":
+            options.update(crf="32", preset="veryfast")
+        stream = container.add_stream(codec, rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for i in range(int(seconds * fps)):
-            frame = av.VideoFrame.from_ndarray(_clip_frame(i, fps, width, height), format="rgb24")
+            rgb = av.VideoFrame.from_ndarray(_clip_frame(i, fps, width, height), format="rgb24")
+            # Convert here, single-threaded, rather than letting the encoder path pick swscale threads.
+            frame = rgb.reformat(format="yuv420p", threads=1)
             frame.pts, frame.time_base = i, Fraction(1, fps)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+class _WriteOnly:
+    """A file object without seek/tell, so muxers cannot go back to fill in durations and indexes."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._data += data
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        return bytes(self._data)
 
 
 def _clip_frame(i: int, fps: int, width: int, height: int) -> np.ndarray:

@@ -95,7 +95,8 @@ def _check_pixels(im: Image.Image, limits: LimitsConfig) -> None:
     if width * height > limits.max_pixels:
         im.close()
         raise MediaError(
-            "image_too_large", f"{width}x{height} = {width * height} pixels exceeds limits.max_pixels={limits.max_pixels}"
+            "image_too_large",
+            f"{width}x{height} = {width * height} pixels exceeds limits.max_pixels={limits.max_pixels}",
         )
 
 

@@ -233,9 +233,10 @@ class _Sampler:
 
     def _close_clip(self, error: str | None = None) -> MediaUnit:
         plan = self.plans[self.clip]
+        flags = list(plan.flags) + (["video_rotated"] if self.rotated and self.frames else [])
         unit = MediaUnit(
             unit_index=plan.index, unit_kind="clip", frames=self.frames, start_s=plan.start_s, end_s=plan.end_s,
-            frame_times=self.times, flags=list(plan.flags) + (["video_rotated"] if self.rotated and self.frames else []),
+            frame_times=self.times, flags=flags,
         )
         if plan.error:
             unit.error_type, unit.error_message = plan.error, "no frame budget left (limits.max_frames)"
