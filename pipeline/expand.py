@@ -134,7 +134,8 @@ class ExpandSource:
         if media_type == "pdf":
             from pipeline.media.pdf import expand_pdf
 
-            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget)
+            tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
+            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi)
         if media_type == "image":
             from pipeline.media.image import expand_image
 
@@ -156,7 +157,7 @@ class ExpandSource:
             yield _source_row(src, media_type, **base)
             return
         video = unit.unit_kind == "clip"
-        tiles = None if video else self._tiles(unit.frames[0])
+        tiles = None if video else self._tiles(unit.frames[0], force="render_for_tiling" in unit.flags)
         if tiles is None:
             frames = [self._fit(f, video) for f in unit.frames]
             yield _source_row(src, media_type, **base, **self._pixels(frames))
@@ -172,12 +173,14 @@ class ExpandSource:
         h, w = frames[0].shape[:2]
         return {"pixels": [f.tobytes() for f in frames], "width": w, "height": h, "num_frames": len(frames)}
 
-    def _tiles(self, frame):
+    def _tiles(self, frame, force: bool = False):
+        """Tiles for an oversized frame; `force`: a page rendered above its budget on purpose (a poster)."""
         from pipeline.media.tiling import needs_tiling, plan_tiles
 
         t = self.job.tiling
         h, w = frame.shape[:2]
-        if not t.enabled or not needs_tiling(w, h, self.pixel_budget, t.max_factor, t.max_aspect):
+        big = needs_tiling(w, h, self.pixel_budget, t.max_factor, t.max_aspect) or (force and w * h > self.pixel_budget)
+        if not t.enabled or not big:
             return None
         tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
         return tiles if len(tiles) > 1 else None

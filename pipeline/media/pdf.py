@@ -43,9 +43,13 @@ _POINTS_PER_INCH = 72.0
 _TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT  # what page.get_text() uses: the text layer stays the same
 
 
-def expand_pdf(data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int) -> Iterator[MediaUnit]:
+def expand_pdf(
+    data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None
+) -> Iterator[MediaUnit]:
     """Yield one "page" unit per page of a PDF, rendered to about `pixel_budget` pixels.
 
+    With `tile_min_dpi`, a page so large that the budget would render it below that DPI (a poster,
+    a drawing) renders at `tile_min_dpi` instead, flagged "render_for_tiling", for the caller to tile.
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
     doc = _open(data, limits)
@@ -53,7 +57,7 @@ def expand_pdf(data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: 
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
         for index in range(min(n_pages, limits.max_pages)):
-            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags)
+            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi)
         for index in range(limits.max_pages, n_pages):
             yield MediaUnit(
                 unit_index=index, unit_kind="page", error_type="page_limit",
@@ -95,13 +99,18 @@ def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
 
 
 def _page_unit(
-    doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str]
+    doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str],
+    tile_min_dpi: float | None = None,
 ) -> MediaUnit:
     flags = list(doc_flags)
     try:
         page = doc.load_page(index)
         # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does get_pixmap.
         dpi = choose_dpi(page.rect.width, page.rect.height, cfg, pixel_budget)
+        if tile_min_dpi is not None and dpi < tile_min_dpi:
+            # Small print on a poster is lost at the budget's DPI: render legibly and let the caller tile.
+            dpi = min(tile_min_dpi, cfg.max_dpi)
+            flags.append("render_for_tiling")
         dpi = _fit_max_pixels(page.rect, dpi, limits.max_pixels, flags)
         # The switch is not in PdfConfig yet: on by default; a config field of this name turns it off.
         detect = getattr(cfg, "detect_text_orientation", True)

@@ -74,3 +74,21 @@ def test_receipt_is_tiled_in_reading_order(tmp_path):
     assert {r["num_tiles"] for r in rows} == {len(rows)} and {r["unit_index"] for r in rows} == {0}
     (untiled,) = _expand(tmp_path, _jpeg(400, 6000), tiling={"enabled": False})
     assert untiled["tile_index"] is None
+
+
+def test_poster_page_renders_legibly_and_is_tiled(tmp_path):
+    import pymupdf
+
+    doc = pymupdf.open()
+    page = doc.new_page(width=2384, height=3370)  # A0
+    for i in range(40):
+        page.insert_text((72, 100 + i * 80), f"Poster line {i} in small print " * 4, fontsize=9)
+    (tmp_path / "poster.pdf").write_bytes(doc.tobytes())
+    job = load_job_data({"input": {"uris": [str(tmp_path)]}, "output": {"uri": "o"},
+                         "model": {"name": "tiny", "max_slice_nums": 4}})
+    stage = ExpandSource(job, 4 * 448 * 448, {"ocr": ["image", "page"]}, "minicpmv4_6")
+    src = pa.Table.from_pylist([{"source_uri": str(tmp_path / "poster.pdf"), "source_id": "p", "size": None,
+                                 "tasks": ["ocr"]}])
+    rows = pa.concat_tables(list(stage(src))).to_pylist()
+    assert len(rows) > 4 and all("render_for_tiling" in r["flags"] for r in rows)
+    assert [r["tile_index"] for r in rows] == list(range(len(rows))) and {r["unit_index"] for r in rows} == {0}
