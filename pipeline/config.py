@@ -123,7 +123,12 @@ class TilingConfig(_Model):
     overlap: float = Field(0.05, ge=0, lt=0.5, description="Overlap between neighbouring tiles, as a fraction of a tile.")
     max_tiles: int = Field(16, ge=1, description="Most tiles per unit; beyond it tiles grow rather than content dropped.")
     min_page_dpi: float = Field(
-        110.0, gt=0, description="A PDF page whose budget DPI falls below this renders at it and is tiled (posters)."
+        110.0, gt=0, description="A large PDF page (see min_page_area) whose budget DPI falls below this renders at "
+        "it and is tiled (posters, drawings)."
+    )
+    min_page_area: float = Field(
+        190.0, gt=0, description="Pages at least this large, in square inches (A3 is 193), may be tiled; smaller "
+        "pages always render at the job's pixel budget."
     )
 
 

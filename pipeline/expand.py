@@ -135,7 +135,8 @@ class ExpandSource:
             from pipeline.media.pdf import expand_pdf
 
             tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
-            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi)
+            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
+                              tile_min_area=j.tiling.min_page_area)
         if media_type == "image":
             from pipeline.media.image import expand_image
 

@@ -44,12 +44,14 @@ _TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT  # what page.get_text() uses: the text laye
 
 
 def expand_pdf(
-    data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None
+    data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
+    tile_min_area: float = 0.0,
 ) -> Iterator[MediaUnit]:
     """Yield one "page" unit per page of a PDF, rendered to about `pixel_budget` pixels.
 
-    With `tile_min_dpi`, a page so large that the budget would render it below that DPI (a poster,
-    a drawing) renders at `tile_min_dpi` instead, flagged "render_for_tiling", for the caller to tile.
+    With `tile_min_dpi`, a page of at least `tile_min_area` square inches that the budget would
+    render below that DPI (a poster, a drawing) renders at `tile_min_dpi` instead, flagged
+    "render_for_tiling", for the caller to tile.
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
     doc = _open(data, limits)
@@ -57,7 +59,7 @@ def expand_pdf(
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
         for index in range(min(n_pages, limits.max_pages)):
-            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi)
+            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area)
         for index in range(limits.max_pages, n_pages):
             yield MediaUnit(
                 unit_index=index, unit_kind="page", error_type="page_limit",
@@ -100,14 +102,15 @@ def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
 
 def _page_unit(
     doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str],
-    tile_min_dpi: float | None = None,
+    tile_min_dpi: float | None = None, tile_min_area: float = 0.0,
 ) -> MediaUnit:
     flags = list(doc_flags)
     try:
         page = doc.load_page(index)
         # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does get_pixmap.
         dpi = choose_dpi(page.rect.width, page.rect.height, cfg, pixel_budget)
-        if tile_min_dpi is not None and dpi < tile_min_dpi:
+        area_in2 = page.rect.width * page.rect.height / _POINTS_PER_INCH**2
+        if tile_min_dpi is not None and dpi < tile_min_dpi and area_in2 >= tile_min_area:
             # Small print on a poster is lost at the budget's DPI: render legibly and let the caller tile.
             dpi = min(tile_min_dpi, cfg.max_dpi)
             flags.append("render_for_tiling")

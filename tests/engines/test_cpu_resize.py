@@ -92,3 +92,16 @@ def test_poster_page_renders_legibly_and_is_tiled(tmp_path):
     rows = pa.concat_tables(list(stage(src))).to_pylist()
     assert len(rows) > 4 and all("render_for_tiling" in r["flags"] for r in rows)
     assert [r["tile_index"] for r in rows] == list(range(len(rows))) and {r["unit_index"] for r in rows} == {0}
+
+
+def test_letter_page_is_never_tiled_even_with_a_small_budget(tmp_path):
+    from pipeline.samples import report_pdf_bytes
+
+    (tmp_path / "r.pdf").write_bytes(report_pdf_bytes())
+    job = load_job_data({"input": {"uris": [str(tmp_path)]}, "output": {"uri": "o"},
+                         "model": {"name": "tiny", "max_slice_nums": 2}})
+    stage = ExpandSource(job, 2 * 448 * 448, {"ocr": ["image", "page"]}, "minicpmv4_6")
+    src = pa.Table.from_pylist([{"source_uri": str(tmp_path / "r.pdf"), "source_id": "r", "size": None,
+                                 "tasks": ["ocr"]}])
+    rows = pa.concat_tables(list(stage(src))).to_pylist()
+    assert [r["tile_index"] for r in rows] == [None, None]
