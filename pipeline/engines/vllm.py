@@ -1,0 +1,414 @@
+"""The vLLM engine: every MiniCPM-V generation vLLM serves, behind the Engine interface.
+
+Two kinds of model sit behind vLLM:
+
+* MiniCPM-V 2.0 - 4.5 go through vLLM's `minicpmv` model with the checkpoint's remote-code
+  processor (`trust_remote_code`). Prompts are strings with one `(<image>./</image>)` per image
+  (`(<video>./</video>)` per clip) in the user turn; vLLM expands them.
+* MiniCPM-V 4.6 / 4.7 go through vLLM's native models and the transformers processors. Prompts
+  come from the chat template with one image (or video) content item per image (clip); the
+  template renders the tokenizer's `image_token` / `video_token`, which vLLM expands.
+
+What differs between generations is one table, `GENERATIONS`, not `if`s. Per request the engine
+resolves the processor options (family recommendation < engine setting < request override),
+passes them as `mm_processor_kwargs`, and returns replies in input order. One generate call
+serves the whole batch; if vLLM rejects the batch (a prompt longer than `max_model_len`, an
+image its processor cannot take), the requests run one by one so that only the bad ones become
+error replies. A dead engine raises: the stage restarts the actor.
+
+vLLM is imported inside methods only: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.engines.base import Engine, Reply, Request
+
+log = logging.getLogger(__name__)
+
+_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
+_PROCESSOR_OPTIONS = ("max_slice_nums", "use_image_id", "downsample_mode")
+_DOWNSAMPLE_MODES = ("4x", "16x")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How one MiniCPM-V generation is driven through vLLM."""
+
+    name: str  # family name (pipeline.models names for 4.6+)
+    native: bool  # vLLM native model + transformers processor (else `minicpmv` + remote code)
+    stop_tokens: tuple[str, ...]
+    image_max_slice_nums: int = 9  # recommended slices per image
+    video_max_slice_nums: int = 1  # vLLM fixes 1 slice per frame for every generation
+    use_image_id_images: bool = True
+    downsample_mode: str | None = None  # only 4.6+ have 4x/16x visual-token downsampling
+    supports_video: bool = True
+    # Resampler code calls torch.cuda.is_current_stream_capturing(), which fails without a GPU.
+    needs_stream_capture_patch: bool = False
+    vllm_supported: bool = True  # False: no vLLM model in the versions we test (0.32)
+
+
+# Placeholders of the `minicpmv` generations (vLLM's MiniCPMVProcessingInfo patterns).
+LEGACY_IMAGE_PLACEHOLDER = "(<image>./</image>)"
+LEGACY_VIDEO_PLACEHOLDER = "(<video>./</video>)"
+
+GENERATIONS: dict[str, Generation] = {
+    g.name: g
+    for g in (
+        # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM; 2.5 ends turns with <|eot_id|>.
+        Generation("minicpmv2_0", native=False, stop_tokens=("</s>", "<|im_end|>"), supports_video=False,
+                   needs_stream_capture_patch=True),
+        Generation("minicpmv2_5", native=False, stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+                   supports_video=False, needs_stream_capture_patch=True),
+        Generation("minicpmv2_6", native=False, stop_tokens=_QWEN_STOPS, needs_stream_capture_patch=True),
+        Generation("minicpmv4_0", native=False, stop_tokens=_QWEN_STOPS, needs_stream_capture_patch=True),
+        Generation("minicpmv4_5", native=False, stop_tokens=_QWEN_STOPS),
+        Generation("minicpmv4_6", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
+                   downsample_mode="16x"),
+        Generation("minicpmv4_7", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
+                   downsample_mode="16x"),
+        Generation("minicpm_ocr", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
+                   downsample_mode="4x", vllm_supported=False),
+    )
+}
+_NATIVE_MODEL_TYPES = {"minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7", "minicpm_ocr": "minicpm_ocr"}
+
+
+def detect_generation(model_dir: str | Path) -> str:
+    """Family name from `model_dir/config.json`: native `model_type`, else `minicpmv` + `version`."""
+    config_path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {config_path}: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type in _NATIVE_MODEL_TYPES:
+        return _NATIVE_MODEL_TYPES[model_type]
+    if model_type == "minicpmv" or "MiniCPMV" in (config.get("architectures") or []):
+        version = config.get("version")
+        if version is None:  # the oldest configs carry no version (vLLM's rule)
+            return "minicpmv2_0" if config.get("hidden_size") == 2304 and config.get("query_num") == 64 else "minicpmv2_5"
+        name = "minicpmv" + str(version).replace(".", "_")
+        if name in GENERATIONS:
+            return name
+        raise ValueError(f"unsupported MiniCPM-V version {version!r} in {config_path}")
+    raise ValueError(f"unsupported model_type {model_type!r} in {config_path}; supported: "
+                     f"minicpmv (2.0-4.5), {', '.join(sorted(_NATIVE_MODEL_TYPES))}")
+
+
+def _patch_stream_capture_on_cpu() -> None:
+    """vLLM's 2.x/4.0 resampler asks CUDA whether a graph is being captured; on CPU say no."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.cuda.is_current_stream_capturing = lambda: False  # type: ignore[assignment]
+
+
+def _is_engine_dead(exc: BaseException) -> bool:
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - other vLLM layouts
+        return False
+    return isinstance(exc, EngineDeadError)
+
+
+class VLLMEngine(Engine):
+    """MiniCPM-V through `vllm.LLM` (offline, batched)."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str,
+        family: str | None = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_slice_nums: int | None = None,
+        use_image_id: bool | None = None,
+        downsample_mode: str | None = None,
+        max_model_len: int = 8192,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        load_format: str = "auto",
+        enforce_eager: bool = False,
+        max_images_per_prompt: int = 8,
+        max_frames_per_video: int = 64,
+        cpu_kvcache_space_gib: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        """Start a vLLM engine over the local checkpoint `model_dir`.
+
+        `max_slice_nums` / `use_image_id` set the image defaults (video frames keep 1 slice and no
+        ids), `downsample_mode` (4.6+) applies to both. On a CPU-only host the engine runs
+        in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: 3-10 s instead of ~20+ s to start), sizes its
+        KV cache to `cpu_kvcache_space_gib` (vLLM would otherwise take most of the RAM) and uses
+        bfloat16 for dtype "auto" (vLLM's CPU kernels for the 4.6+ backbone require it).
+        """
+        self.model_dir = str(model_dir)
+        self.family = family or detect_generation(model_dir)
+        try:
+            self.gen = GENERATIONS[self.family]
+        except KeyError:
+            raise ValueError(f"unknown model family {self.family!r}; allowed: {', '.join(GENERATIONS)}") from None
+        if not self.gen.vllm_supported:
+            raise ValueError(f"{self.family} has no vLLM model in this vLLM version; use engine: transformers")
+        if not self.gen.native and not trust_remote_code:
+            raise ValueError(f"{self.family} loads its processor from the checkpoint: set trust_remote_code")
+        if downsample_mode is not None:
+            if self.gen.downsample_mode is None:
+                raise ValueError(f"{self.family} has no downsample_mode (4.6+ only)")
+            if downsample_mode not in _DOWNSAMPLE_MODES:
+                raise ValueError(f"downsample_mode must be one of {_DOWNSAMPLE_MODES}, got {downsample_mode!r}")
+        if max_slice_nums is not None and max_slice_nums < 1:
+            raise ValueError(f"max_slice_nums must be >= 1, got {max_slice_nums}")
+
+        on_cpu = _cpu_only()
+        if on_cpu:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cpu_kvcache_space_gib)))))
+            if dtype == "auto":
+                dtype = "bfloat16"
+        if self.gen.needs_stream_capture_patch:
+            _patch_stream_capture_on_cpu()
+
+        from vllm import LLM
+
+        default_mode = self.gen.downsample_mode
+        self._image_defaults: dict[str, Any] = {
+            "max_slice_nums": max_slice_nums or self.gen.image_max_slice_nums,
+            "use_image_id": self.gen.use_image_id_images if use_image_id is None else use_image_id,
+        }
+        self._video_defaults: dict[str, Any] = {"max_slice_nums": self.gen.video_max_slice_nums, "use_image_id": False}
+        if default_mode is not None:
+            self._image_defaults["downsample_mode"] = downsample_mode or default_mode
+            self._video_defaults["downsample_mode"] = downsample_mode or default_mode
+        # vLLM's `minicpmv` model builds the prompt placeholder with the engine-wide processor
+        # options but slices with the per-request ones: a per-request max_slice_nums that differs
+        # makes the counts disagree and kills the engine ("Attempted to assign 0 = 0 multimodal
+        # tokens to N placeholders", then every later step hangs). So the <= 4.5 generations get
+        # their options once, here, and requests may not change them (see _options).
+        engine_mm_kwargs = None if self.gen.native else dict(self._image_defaults)
+
+        self.max_model_len = max_model_len
+        self._failed: str | None = None
+        limits = {"image": max_images_per_prompt}
+        if self.gen.supports_video:
+            # vLLM profiles memory with the largest clip it allows; frames are 1 slice each.
+            limits["video"] = 1
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=self.model_dir,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            load_format=load_format,
+            enforce_eager=enforce_eager,
+            limit_mm_per_prompt=limits,
+            mm_processor_kwargs=engine_mm_kwargs,
+            seed=seed,
+        )
+        self.start_seconds = time.perf_counter() - start
+        self.max_frames_per_video = max_frames_per_video
+        self.dtype = dtype
+        self.tokenizer = self.llm.get_tokenizer()
+
+        vocab = self.tokenizer.get_vocab()
+        self.stop_ids = [vocab[t] for t in self.gen.stop_tokens if t in vocab]
+        if not self.stop_ids:
+            raise ValueError(f"none of the stop tokens {self.gen.stop_tokens} is in the tokenizer of {model_dir}")
+        if self.gen.native:
+            self._image_token = getattr(self.tokenizer, "image_token", None) or "<|image_pad|>"
+            self._video_token = getattr(self.tokenizer, "video_token", None) or "<|video_pad|>"
+        else:
+            self._image_token, self._video_token = LEGACY_IMAGE_PLACEHOLDER, LEGACY_VIDEO_PLACEHOLDER
+        # A prompt that spells a placeholder or chat marker would shift or break the visual tokens.
+        self._reserved = [self._image_token, self._video_token, "<|im_start|>", "<|im_end|>"]
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[Reply]:
+        """Answer every request, in input order (see Engine.generate).
+
+        Each request is handed to vLLM on its own (`LLM.enqueue`), so one that vLLM rejects (prompt
+        longer than `max_model_len`, an image its processor cannot take) becomes that request's
+        error reply; then all accepted requests run together (`LLM.wait_for_completion`). An error
+        while the engine runs leaves it unusable (seen with vLLM 0.32: later steps never finish),
+        so it raises, now and on every later call: the stage must restart the actor.
+        """
+        if self._failed is not None:
+            raise RuntimeError(f"vLLM engine failed earlier and must be restarted: {self._failed}")
+        replies: list[Reply | None] = [None] * len(requests)
+        pending: dict[str, int] = {}
+        for i, request in enumerate(requests):
+            try:
+                prompt, params = self._prompt(request), self._sampling(request)
+                (request_id,) = self.llm.enqueue([prompt], [params], use_tqdm=False)
+            except Exception as exc:  # noqa: BLE001 - any bad input becomes that request's error
+                if _is_engine_dead(exc):
+                    self._failed = repr(exc)
+                    raise
+                replies[i] = _error(exc)
+                continue
+            pending[str(request_id)] = i
+        if pending:
+            try:
+                outputs = self.llm.wait_for_completion(use_tqdm=False)
+            except BaseException as exc:
+                self._failed = repr(exc)
+                raise
+            for output in outputs:
+                # enqueue() returns the internal id "<external>-<suffix>"; outputs carry the external one.
+                key = str(output.request_id)
+                match = key if key in pending else next((k for k in pending if k.split("-", 1)[0] == key), None)
+                if match is not None:
+                    replies[pending.pop(match)] = _reply(output)
+        return [r if r is not None else _error(RuntimeError("no reply produced")) for r in replies]
+
+    def model_info(self) -> dict[str, str]:
+        import vllm
+
+        return {
+            "engine": self.name,
+            "model": Path(self.model_dir).name,
+            "model_path": self.model_dir,
+            "family": self.family,
+            "dtype": str(self.dtype),
+            "vllm_version": vllm.__version__,
+        }
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory, so another engine can start in this process."""
+        import gc
+
+        llm, self.llm = self.llm, None  # type: ignore[assignment]
+        if llm is not None:
+            shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        gc.collect()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _options(self, request: Request) -> dict[str, Any]:
+        unknown = set(request.processor_kwargs) - set(_PROCESSOR_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown processor option(s) {sorted(unknown)}; allowed: {list(_PROCESSOR_OPTIONS)}")
+        resolved = dict(self._video_defaults if request.is_video else self._image_defaults)
+        for key, value in request.processor_kwargs.items():
+            if value is None:
+                continue
+            if key == "downsample_mode" and "downsample_mode" not in resolved:
+                raise ValueError(f"{self.family} has no downsample_mode (4.6+ only)")
+            resolved[key] = value
+        if not self.gen.native and not request.is_video and resolved != self._image_defaults:
+            raise ValueError(f"{self.family} through vLLM takes processor options per engine, not per request: "
+                             f"engine has {self._image_defaults}, request asks {resolved}")
+        slices = resolved["max_slice_nums"]
+        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+            raise ValueError(f"max_slice_nums must be an int >= 1, got {slices!r}")
+        if not isinstance(resolved["use_image_id"], bool):
+            raise ValueError(f"use_image_id must be a bool, got {resolved['use_image_id']!r}")
+        if resolved.get("downsample_mode", "16x") not in _DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample_mode must be one of {_DOWNSAMPLE_MODES}, got {resolved['downsample_mode']!r}")
+        return resolved
+
+    def _prompt(self, request: Request) -> dict[str, Any]:
+        """vLLM prompt dict: chat-template text, multi_modal_data and mm_processor_kwargs."""
+        _check_visuals(request)
+        found = [t for t in self._reserved if t in request.prompt]
+        if found:
+            raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
+        if request.is_video and not self.gen.supports_video:
+            raise ValueError(f"{self.family} takes no video in vLLM")
+        if request.is_video and len(request.images) > self.max_frames_per_video:
+            raise ValueError(f"{len(request.images)} frames > max_frames_per_video={self.max_frames_per_video}")
+        options = self._options(request)
+        n_items = (1 if request.images else 0) if request.is_video else len(request.images)
+        token = self._video_token if request.is_video else self._image_token
+        if self.gen.native:
+            kind = "video" if request.is_video else "image"
+            content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
+        else:
+            content = "".join(token + "\n" for _ in range(n_items)) + request.prompt
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        # Guard against a template that drops visual items: the images would be silently lost.
+        if text.count(token) != n_items:
+            raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")
+        prompt: dict[str, Any] = {"prompt": text}
+        if request.images:
+            if request.is_video:
+                prompt["multi_modal_data"] = {"video": np.stack(request.images)}
+            else:
+                from PIL import Image
+
+                prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in request.images]}
+            if self.gen.native:
+                prompt["mm_processor_kwargs"] = options
+        return prompt
+
+    def _sampling(self, request: Request) -> Any:
+        from vllm import SamplingParams
+
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if request.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {request.temperature}")
+        return SamplingParams(
+            max_tokens=request.max_new_tokens,
+            temperature=float(request.temperature),
+            stop_token_ids=list(self.stop_ids),
+            skip_special_tokens=True,
+        )
+
+
+def _cpu_only() -> bool:
+    """True where vLLM runs on its CPU platform (checked without initialising CUDA)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _check_visuals(request: Request) -> None:
+    """Cheap checks that catch bad arrays before they reach (and fail) a whole vLLM batch."""
+    for k, image in enumerate(request.images):
+        if not isinstance(image, np.ndarray):
+            raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image {k}: expected an RGB HxWx3 array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image {k}: expected dtype uint8, got {image.dtype}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image {k}: empty image of shape {image.shape}")
+    if request.is_video and len({im.shape for im in request.images}) > 1:
+        raise ValueError(f"video frames must share one size, got {sorted({im.shape for im in request.images})}")
+
+
+def _reply(output: Any) -> Reply:
+    completion = output.outputs[0]
+    return Reply(
+        text=completion.text.strip(),
+        prompt_tokens=len(output.prompt_token_ids or []),
+        completion_tokens=len(completion.token_ids),
+        finish_reason=completion.finish_reason,
+    )
+
+
+def _error(exc: BaseException) -> Reply:
+    return Reply(error_type=type(exc).__name__, error_message=str(exc)[:2000] or repr(exc))
