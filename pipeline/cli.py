@@ -46,10 +46,19 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from pipeline.tiny import build_tiny
+    from pipeline.models import get_family
 
-    path = build_tiny(args.family, args.out, seed=args.seed)
-    print(f"tiny {args.family} checkpoint (random weights, meaningless output) written to {path}")
+    spec = get_family(args.family)
+    if spec.native_transformers:
+        from pipeline.tiny import build_tiny
+
+        path = build_tiny(args.family, args.out, seed=args.seed)
+    else:
+        from pipeline.tiny_legacy import build_tiny_legacy
+
+        path = build_tiny_legacy(spec.version, args.out)
+    weights = "random weights" if spec.native_transformers else "no weights: load it with load_format dummy"
+    print(f"tiny {args.family} checkpoint ({weights}; meaningless output) written to {path}")
     return 0
 
 
@@ -105,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
     tiny = msub.add_parser("tiny", help="build a tiny random checkpoint of a real architecture, offline")
-    tiny.add_argument("--family", required=True, choices=["minicpmv4_6", "minicpmv4_7", "minicpm_ocr"])
+    tiny.add_argument("--family", required=True,
+                      choices=["minicpmv4_6", "minicpmv4_7", "minicpm_ocr", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5"],
+                      help="4.6/4.7/OCR: real transformers classes; 2.6-4.5: vLLM `minicpmv` (load_format dummy)")
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny)

@@ -17,7 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 TaskName = Literal["ocr", "table", "caption", "video_caption"]
-FamilyName = Literal["auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr"]
+FamilyName = Literal[
+    "auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
+    "minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5",
+]
 
 
 class _Model(BaseModel):
@@ -172,11 +175,35 @@ class ModelConfig(_Model):
     cache_dir: str | None = Field(None, description="Where downloaded checkpoints are kept on each node.")
 
 
+class VLLMOptions(_Model):
+    """vLLM engine settings (engine.kind: vllm)."""
+
+    max_model_len: int = Field(8192, ge=256, description="Context length; longer prompts become error rows first.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica (a placement group per replica).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    load_format: Literal["auto", "dummy"] = Field("auto", description="`dummy`: random weights (tests, benchmarks).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower decode).")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences vLLM schedules at once per replica.")
+    cpu_kvcache_space_gib: float = Field(2.0, gt=0, description="KV cache size when vLLM runs on CPU.")
+
+
+class OpenAIOptions(_Model):
+    """OpenAI-compatible HTTP engine settings (engine.kind: openai), e.g. an existing `vllm serve`."""
+
+    base_url: str | None = Field(None, description="Server root, e.g. http://vllm.internal:8000 (required for openai).")
+    served_model: str | None = Field(None, description="Model name the server knows; unset uses model.name.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never logged).")
+    concurrency: int = Field(16, ge=1, description="Requests in flight per engine actor.")
+    timeout_s: float = Field(600.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="Retries with backoff on 429, 5xx and connection errors.")
+
+
 class EngineConfig(_Model):
     """Inference engine and its actor pool (wired in pipeline/resources.py only)."""
 
-    kind: Literal["auto", "transformers"] = Field(
-        "auto", description="`transformers` (CPU, MPS or CUDA); `auto` picks the best available."
+    kind: Literal["auto", "transformers", "vllm", "openai"] = Field(
+        "auto", description="`vllm` (GPU serving), `transformers` (CPU, MPS or CUDA), `openai` (an HTTP server); "
+        "`auto` picks vLLM when the cluster has GPUs and vLLM is installed, else transformers."
     )
     replicas: int = Field(1, ge=1, description="Engine actors (model copies) in the pool.")
     batch_size: int = Field(4, ge=1, description="Units handed to one engine call.")
@@ -186,6 +213,14 @@ class EngineConfig(_Model):
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Torch device; `auto` picks cuda, mps, cpu.")
     max_retries: int = Field(1, ge=0, description="Retries of a failed engine call, one unit at a time, before error rows.")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="vLLM settings.")
+    openai: OpenAIOptions = Field(default_factory=OpenAIOptions, description="OpenAI-compatible server settings.")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "EngineConfig":
+        if self.kind == "openai" and not self.openai.base_url:
+            raise ValueError("engine.kind openai needs engine.openai.base_url (e.g. http://host:8000)")
+        return self
 
 
 class TaskConfig(_Model):

@@ -40,11 +40,12 @@ class InferStage:
     """Callable class for `Dataset.map_batches`: loads the model once per actor."""
 
     def __init__(self, job: JobConfig, ctx: RunContext):
-        from pipeline.engines.factory import make_engine
+        from pipeline.engines.factory import LOADS_WEIGHTS, make_engine
         from pipeline.model_source import materialize
 
         self.job, self.ctx = job, ctx
-        self.engine: Engine = make_engine(job, materialize(job.model, job.storage), ctx.family)
+        model_dir = materialize(job.model, job.storage) if ctx.engine in LOADS_WEIGHTS else None
+        self.engine: Engine = make_engine(job, model_dir, ctx.family, ctx.engine)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         from schemas.records import RESULTS_SCHEMA, to_table

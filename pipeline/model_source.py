@@ -105,9 +105,17 @@ def materialize(cfg: ModelConfig, storage: StorageConfig) -> Path:
 
 
 def _build_tiny(family: str, out: Path) -> None:
-    from pipeline.tiny import build_tiny
+    from pipeline.models import get_family
 
-    build_tiny(family, out)
+    spec = get_family(family)
+    if spec.native_transformers:
+        from pipeline.tiny import build_tiny
+
+        build_tiny(family, out)
+    else:  # 2.6-4.5: config, tokenizer and our own remote-code processor; weights only via load_format dummy
+        from pipeline.tiny_legacy import build_tiny_legacy
+
+        build_tiny_legacy(spec.version, out)
 
 
 def _download(prefix: str, storage: StorageConfig, out: Path) -> None:

@@ -33,6 +33,8 @@ class FamilySpec:
     native_transformers: bool  # served by transformers' own classes (no trust_remote_code)
     patch_size: int = 14  # vision patch side the processors assume
     downsample_mode: str = "16x"  # default visual-token downsampling of the checkpoint/processor
+    version: str | None = None  # `version` in config.json of the `minicpmv` generations (2.6 ... 4.5)
+    engines: tuple[str, ...] = ("transformers", "vllm", "openai")  # engines that serve this family
 
 
 # The Qwen3.5 text backbone ends an assistant turn with <|im_end|>; <|endoftext|> ends a document
@@ -83,11 +85,55 @@ FAMILIES: dict[str, FamilySpec] = {
             native_transformers=True,
             # Text-dense pages are read with 4x more visual tokens than the V models.
             downsample_mode="4x",
+            engines=("transformers", "openai"),  # no vLLM model for it in vLLM 0.32
         ),
     )
 }
 
-_BY_MODEL_TYPE: dict[str, str] = {spec.hf_model_type: spec.name for spec in FAMILIES.values()}
+
+def _legacy(name: str, display: str, version: str | None, stops: tuple[str, ...]) -> FamilySpec:
+    # vLLM's `minicpmv` model with the checkpoint's remote-code processor: 9 slices of 448^2, fixed
+    # query_num tokens per slice, ids on images; transformers has no native class for them.
+    return FamilySpec(name=name, hf_model_type="minicpmv", display=display, scale_resolution=448,
+                      image_max_slice_nums=9, video_max_slice_nums=1, use_image_id_images=True,
+                      use_image_id_video=False, stop_tokens=stops, native_transformers=False,
+                      version=version, engines=("vllm", "openai"))
+
+
+FAMILIES.update({
+    spec.name: spec
+    for spec in (
+        _legacy("minicpmv2_0", "MiniCPM-V 2.0", None, ("</s>", "<|im_end|>")),
+        _legacy("minicpmv2_5", "MiniCPM-Llama3-V 2.5", "2.5", ("<|eot_id|>", "<|end_of_text|>")),
+        _legacy("minicpmv2_6", "MiniCPM-V 2.6", "2.6", _QWEN_STOPS),
+        _legacy("minicpmv4_0", "MiniCPM-V 4.0", "4.0", _QWEN_STOPS),
+        _legacy("minicpmv4_5", "MiniCPM-V 4.5", "4.5", _QWEN_STOPS),
+    )
+})
+
+_BY_MODEL_TYPE: dict[str, str] = {spec.hf_model_type: spec.name for spec in FAMILIES.values() if spec.native_transformers}
+_BY_VERSION: dict[str, str] = {spec.version: spec.name for spec in FAMILIES.values() if spec.version}
+
+
+def family_from_config(config: dict) -> str:
+    """Family of a checkpoint from its config.json: native `model_type`, else `minicpmv` + `version`.
+
+    Raises ValueError naming what is supported.
+    """
+    if not isinstance(config, dict):
+        config = {}
+    model_type = config.get("model_type")
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    if model_type == "minicpmv" or "MiniCPMV" in (config.get("architectures") or []):
+        version = config.get("version")
+        if version is None:  # the oldest configs carry no version (vLLM's own rule tells 2.0 from 2.5)
+            return "minicpmv2_0" if config.get("hidden_size") == 2304 and config.get("query_num") == 64 else "minicpmv2_5"
+        if str(version) in _BY_VERSION:
+            return _BY_VERSION[str(version)]
+        raise ValueError(f"unsupported MiniCPM-V version {version!r}; supported: {', '.join(sorted(_BY_VERSION))}")
+    supported = ", ".join(sorted(_BY_MODEL_TYPE)) + ", minicpmv (2.0-4.5)"
+    raise ValueError(f"unsupported model_type {model_type!r}; supported model types: {supported}")
 
 
 def get_family(name: str) -> FamilySpec:
@@ -100,25 +146,22 @@ def get_family(name: str) -> FamilySpec:
 
 
 def detect_family(model_dir: str | Path) -> str:
-    """Read `model_dir/config.json` and map its `model_type` to a family name.
+    """Read `model_dir/config.json` and map it to a family name (see `family_from_config`).
 
     Raises ValueError (not KeyError/FileNotFoundError) with the supported types, so a job pointing
     at the wrong checkpoint fails at startup with a message a user can act on.
     """
     config_path = Path(model_dir) / "config.json"
-    supported = ", ".join(sorted(_BY_MODEL_TYPE))
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"no config.json in {model_dir}; expected a MiniCPM-V checkpoint ({supported})") from None
+        raise ValueError(f"no config.json in {model_dir}; expected a MiniCPM-V checkpoint") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {config_path}: {exc}") from exc
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in _BY_MODEL_TYPE:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} in {config_path}; supported model types: {supported}"
-        )
-    return _BY_MODEL_TYPE[model_type]
+    try:
+        return family_from_config(config)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (in {config_path})") from None
 
 
 def pixel_budget(spec: FamilySpec, max_slice_nums: int) -> int:

@@ -60,12 +60,18 @@ def cluster_resources() -> dict[str, float]:
     return ray.cluster_resources()
 
 
-def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float]) -> StagePlan:
+def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], engine: str = "transformers") -> StagePlan:
     """Decide CPU actor counts, engine pool size and per-actor resources from the job and the cluster."""
     cpus = int(resources.get("CPU", 1))
     gpus = float(resources.get("GPU", 0))
     e = job.engine
-    gpus_per_replica = e.gpus_per_replica if e.gpus_per_replica is not None else (1.0 if gpus >= 1 else 0.0)
+    tp = e.vllm.tensor_parallel_size if engine == "vllm" else 1
+    if engine == "openai":
+        gpus_per_replica = 0.0  # the server holds the GPUs; the actor only sends requests
+    elif e.gpus_per_replica is not None:
+        gpus_per_replica = e.gpus_per_replica
+    else:
+        gpus_per_replica = float(tp) if gpus >= 1 else 0.0
     if gpus_per_replica > 0 and gpus < gpus_per_replica * e.replicas:
         log.warning(
             "engine asks for %d replicas x %.2f GPU but the cluster has %.2f GPUs; replicas will wait for GPUs",
@@ -83,7 +89,11 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float]) -
         "num_cpus": e.cpus_per_replica,
         "batch_size": e.batch_size,
     }
-    if gpus_per_replica > 0:
+    if tp > 1 and gpus_per_replica > 0:
+        # vLLM spreads one replica over `tp` GPUs with Ray workers of its own: the actor takes no GPU
+        # itself and each replica gets a placement group of `tp` GPU bundles on one node.
+        infer["ray_remote_args_fn"] = _tp_placement(tp, e.cpus_per_replica)
+    elif gpus_per_replica > 0:
         infer["num_gpus"] = gpus_per_replica
     return StagePlan(
         # Several blocks per preprocess actor so one large PDF does not hold up the others.
@@ -93,3 +103,16 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float]) -
         infer_batch_size=e.batch_size,
         write={"num_cpus": WRITE_CPUS},
     )
+
+
+def _tp_placement(tp: int, cpus: float):
+    """`ray_remote_args_fn` giving each engine actor its own placement group of `tp` GPUs (one node)."""
+
+    def remote_args() -> dict[str, Any]:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = placement_group([{"CPU": cpus, "GPU": 1.0}] + [{"GPU": 1.0}] * (tp - 1), strategy="STRICT_PACK")
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+    return remote_args

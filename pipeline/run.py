@@ -32,21 +32,26 @@ def new_run_id(job: JobConfig) -> str:
     return job.run_id or f"{job.name}-{stamp}-{secrets.token_hex(2)}"
 
 
-def resolve_family(job: JobConfig, model_config: dict[str, Any]) -> str:
-    """The job's family, or the one the checkpoint's config.json names."""
-    from pipeline.models import FAMILIES
+def resolve_family(job: JobConfig, storage_check: bool = True) -> str:
+    """The job's family, or the one the checkpoint's config.json names (fails fast when unusable)."""
+    from pipeline.model_source import ModelUnavailable, check_model
+    from pipeline.models import family_from_config
 
-    by_type = {spec.hf_model_type: name for name, spec in FAMILIES.items()}
-    found = by_type.get(model_config.get("model_type", ""))
+    openai = job.engine.kind == "openai"
+    if job.model.family != "auto" and (openai or not storage_check):
+        return job.model.family  # the HTTP engine's server holds the weights, not us
+    try:
+        config = check_model(job.model, job.storage)
+    except ModelUnavailable:
+        if openai:
+            raise ConfigError("engine.kind openai: set model.family (the server's checkpoint is not readable here)")
+        raise
     if job.model.family != "auto":
         return job.model.family
-    if found is None:
-        raise ConfigError(
-            f"model.name {job.model.name}: config.json has model_type {model_config.get('model_type')!r}, "
-            f"which this engine does not serve; supported: {', '.join(sorted(by_type))} "
-            "(set model.family if the checkpoint is one of these)"
-        )
-    return found
+    try:
+        return family_from_config(config)
+    except ValueError as err:
+        raise ConfigError(f"model.name {job.model.name}: {err} (set model.family if it is one of these)") from None
 
 
 def _versions() -> dict[str, str]:
@@ -67,20 +72,21 @@ def run_job(job: JobConfig) -> RunSummary:
     from pipeline.engines.factory import resolve_kind
     from pipeline.graph import build_plan
     from pipeline.infer import RunContext
-    from pipeline.model_source import TINY, check_model
+    from pipeline.model_source import TINY
     from pipeline.models import get_family, pixel_budget
     from pipeline.sources import discover
     from pipeline.tasks import fingerprint, resolve_task
 
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc)
-    family = resolve_family(job, check_model(job.model, job.storage))
+    family = resolve_family(job)
     spec = get_family(family)
+    # An explicit engine is checked now, before any listing; `auto` needs the cluster's GPUs (below).
+    engine = None if job.engine.kind == "auto" else resolve_kind(job.engine.kind, family)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id) for name, t in tasks.items()}
     run_id = new_run_id(job)
-    ctx = RunContext(run_id, model_id, family, resolve_kind(job.engine.kind), tasks, fps)
 
     sources = discover(job.input, job.storage)
     layout = sink.Layout(job.output.uri, job.storage)
@@ -95,9 +101,14 @@ def run_job(job: JobConfig) -> RunSummary:
     log.info("run %s: %d sources, %d already committed, %d to process",
              run_id, len(sources), len(sources) - len(todo), len(todo))
     t_plan = time.perf_counter()
+    cluster: dict[str, float] = {}
     if todo:
         resources.init_ray(job)
-        plan = resources.plan_stages(job, len(todo), resources.cluster_resources())
+        cluster = resources.cluster_resources()
+    engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
+    ctx = RunContext(run_id, model_id, family, engine, tasks, fps)
+    if todo:
+        plan = resources.plan_stages(job, len(todo), cluster, engine)
         budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
         ds = build_plan(job, todo, ctx, plan, budget)
         sink.write_results(ds, layout, run_id, job.output.rows_per_file, job.output.compression, plan.write)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.engines.base import Engine
 
 
-def _transformers(job: JobConfig, model_dir: Path, family: str) -> Engine:
+def _transformers(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
     from pipeline.engines.transformers import TransformersEngine
 
     m = job.model
@@ -20,14 +21,65 @@ def _transformers(job: JobConfig, model_dir: Path, family: str) -> Engine:
     )
 
 
-ENGINES: dict[str, Callable[[JobConfig, Path, str], Engine]] = {"transformers": _transformers}
+def _vllm(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
+    from pipeline.engines.vllm import VLLMEngine
+
+    m, v = job.model, job.engine.vllm
+    return VLLMEngine(
+        str(model_dir), family=family, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+        max_slice_nums=m.max_slice_nums, use_image_id=m.use_image_id, downsample_mode=m.downsample_mode,
+        max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
+        gpu_memory_utilization=v.gpu_memory_utilization, load_format=v.load_format,
+        enforce_eager=v.enforce_eager, cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
+    )
 
 
-def resolve_kind(kind: str) -> str:
-    """`auto` picks the best engine present (vLLM joins this table in its own issue)."""
-    return "transformers" if kind == "auto" else kind
+def _openai(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
+    from pipeline.engines.openai_http import OpenAIEngine
+
+    o = job.engine.openai
+    return OpenAIEngine(
+        base_url=o.base_url, model=o.served_model or job.model.name, api_key_env=o.api_key_env,
+        concurrency=o.concurrency, timeout_s=o.timeout_s, max_retries=o.max_retries, family=family,
+    )
 
 
-def make_engine(job: JobConfig, model_dir: Path, family: str) -> Engine:
-    """Build the job's engine over a local checkpoint directory."""
-    return ENGINES[resolve_kind(job.engine.kind)](job, model_dir, family)
+ENGINES: dict[str, Callable[[JobConfig, Path | None, str], Engine]] = {
+    "transformers": _transformers, "vllm": _vllm, "openai": _openai,
+}
+#: Engines that load the checkpoint themselves (the HTTP engine talks to a server that has it).
+LOADS_WEIGHTS = {"transformers", "vllm"}
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0) -> str:
+    """The engine a job runs: `auto` is vLLM where GPUs and vLLM exist and vLLM serves the family,
+    else transformers where it serves the family, else vLLM. Fails fast when nothing can serve it."""
+    from pipeline.models import get_family
+
+    spec = get_family(family)
+    if kind == "auto":
+        if cluster_gpus > 0 and vllm_installed() and "vllm" in spec.engines:
+            kind = "vllm"
+        elif "transformers" in spec.engines:
+            kind = "transformers"
+        else:
+            kind = "vllm"
+    if kind not in spec.engines:
+        raise ConfigError(
+            f"engine.kind {kind}: {spec.display} is served by {', '.join(spec.engines)}; set engine.kind to one of them"
+        )
+    if kind == "vllm" and not vllm_installed():
+        raise ConfigError(
+            "engine.kind vllm: vLLM is not installed here; install the `vllm` extra (GPU nodes) or, for CPU tests, "
+            "run scripts/setup_vllm_env.sh and use .venv-vllm"
+        )
+    return kind
+
+
+def make_engine(job: JobConfig, model_dir: Path | None, family: str, kind: str) -> Engine:
+    """Build the (already resolved) engine `kind` over a local checkpoint directory."""
+    return ENGINES[kind](job, model_dir, family)

@@ -21,9 +21,19 @@ def _checkpoint(tmp_path: Path, config: object, name: str = "ckpt") -> Path:
     return model_dir
 
 
-def test_registry_has_the_three_native_families() -> None:
-    assert set(FAMILIES) == {"minicpmv4_6", "minicpmv4_7", "minicpm_ocr"}
-    for name, spec in FAMILIES.items():
+NATIVE = {"minicpmv4_6", "minicpmv4_7", "minicpm_ocr"}
+LEGACY = {"minicpmv2_0": None, "minicpmv2_5": "2.5", "minicpmv2_6": "2.6", "minicpmv4_0": "4.0", "minicpmv4_5": "4.5"}
+
+
+def test_registry_has_the_native_and_the_minicpmv_generations() -> None:
+    assert set(FAMILIES) == NATIVE | set(LEGACY)
+    for name in LEGACY:
+        spec = FAMILIES[name]
+        assert not spec.native_transformers and spec.hf_model_type == "minicpmv" and spec.version == LEGACY[name]
+        assert "transformers" not in spec.engines and "vllm" in spec.engines
+    assert "vllm" not in FAMILIES["minicpm_ocr"].engines  # no vLLM model for it in vLLM 0.32
+    for name in NATIVE:
+        spec = FAMILIES[name]
         assert isinstance(spec, FamilySpec) and spec.name == name
         assert spec.native_transformers
         assert spec.scale_resolution == 448 and spec.patch_size == 14
@@ -39,21 +49,31 @@ def test_spec_is_frozen() -> None:
         FAMILIES["minicpmv4_6"].scale_resolution = 1  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(NATIVE))
 def test_detect_family_reads_model_type(tmp_path: Path, family: str) -> None:
     model_dir = _checkpoint(tmp_path, {"model_type": FAMILIES[family].hf_model_type, "architectures": ["X"]})
     assert detect_family(model_dir) == family
     assert detect_family(str(model_dir)) == family
 
 
+@pytest.mark.parametrize("family", sorted(LEGACY))
+def test_detect_family_reads_minicpmv_version(tmp_path: Path, family: str) -> None:
+    config = {"model_type": "minicpmv", "architectures": ["MiniCPMV"], "version": LEGACY[family]}
+    if LEGACY[family] is None:  # 2.0's config has no version: vLLM tells it by its MiniCPM-2B sizes
+        config.update(hidden_size=2304, query_num=64)
+    assert detect_family(_checkpoint(tmp_path, config)) == family
+
+
 def test_detect_family_unknown_type_lists_supported(tmp_path: Path) -> None:
-    model_dir = _checkpoint(tmp_path, {"model_type": "minicpmv"})
+    model_dir = _checkpoint(tmp_path, {"model_type": "llava"})
     with pytest.raises(ValueError) as err:
         detect_family(model_dir)
     message = str(err.value)
-    assert "'minicpmv'" in message
-    for spec in FAMILIES.values():
-        assert spec.hf_model_type in message
+    assert "'llava'" in message and "minicpmv (2.0-4.5)" in message
+    for name in NATIVE:
+        assert FAMILIES[name].hf_model_type in message
+    with pytest.raises(ValueError, match="unsupported MiniCPM-V version '9.9'"):
+        detect_family(_checkpoint(tmp_path, {"model_type": "minicpmv", "version": "9.9"}, name="v99"))
 
 
 def test_detect_family_missing_model_type(tmp_path: Path) -> None:
@@ -76,9 +96,9 @@ def test_detect_family_missing_or_broken_config(tmp_path: Path) -> None:
 def test_get_family() -> None:
     assert get_family("minicpm_ocr").display == "MiniCPM-OCR 1.0"
     with pytest.raises(ValueError) as err:
-        get_family("minicpmv2_6")
-    assert "'minicpmv2_6'" in str(err.value)
-    assert "minicpm_ocr, minicpmv4_6, minicpmv4_7" in str(err.value)
+        get_family("minicpmv9_9")
+    assert "'minicpmv9_9'" in str(err.value) and "minicpmv4_5" in str(err.value)
+    assert "allowed: " + ", ".join(sorted(FAMILIES)) in str(err.value)
 
 
 def test_pixel_budget() -> None:

@@ -36,3 +36,16 @@ def test_fractional_gpus_and_explicit_preprocess_concurrency():
 def test_few_sources_few_actors():
     plan = plan_stages(load_job_data(BASE), num_sources=2, resources={"CPU": 32.0})
     assert plan.preprocess["compute"].min_size == 2 and plan.num_source_blocks == 2
+
+
+def test_openai_engine_takes_no_gpu():
+    job = load_job_data({**BASE, "engine": {"kind": "openai", "openai": {"base_url": "http://127.0.0.1:9"}}})
+    plan = plan_stages(job, num_sources=10, resources={"CPU": 8.0, "GPU": 8.0}, engine="openai")
+    assert "num_gpus" not in plan.infer
+
+
+def test_tensor_parallel_replicas_get_placement_groups():
+    job = load_job_data({**BASE, "engine": {"kind": "vllm", "replicas": 2, "vllm": {"tensor_parallel_size": 4}}})
+    plan = plan_stages(job, num_sources=10, resources={"CPU": 64.0, "GPU": 8.0}, engine="vllm")
+    assert "num_gpus" not in plan.infer and callable(plan.infer["ray_remote_args_fn"])
+    assert plan.infer["compute"].min_size == 2
