@@ -68,15 +68,41 @@ def check_model(cfg: ModelConfig, storage: StorageConfig) -> dict:
     return _hub_config(cfg)
 
 
-def _hub_config(cfg: ModelConfig) -> dict:
-    try:
-        from huggingface_hub import hf_hub_download
+def _hub_reachable(timeout_s: float = 3.0) -> str | None:
+    """None when the hub endpoint accepts a TCP connection, else why not (one quick try, no retry storm)."""
+    import socket
+    from urllib.parse import urlparse
 
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{url.hostname}:{port} unreachable: {err}"
+    return None
+
+
+def _hub_config(cfg: ModelConfig) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    try:  # a checkpoint already in the local hub cache needs no network
+        path = hf_hub_download(cfg.name, "config.json", revision=cfg.revision, cache_dir=_hub_cache(cfg),
+                               local_files_only=True)
+        return json.loads(Path(path).read_text())
+    except Exception:  # noqa: BLE001 - not cached: ask the hub below
+        pass
+    # Without this probe, huggingface_hub retries an unreachable hub for ~25 s before failing.
+    why = _hub_reachable()
+    try:
+        if why:
+            raise ConnectionError(why)
         path = hf_hub_download(cfg.name, "config.json", revision=cfg.revision, cache_dir=_hub_cache(cfg))
     except Exception as err:  # noqa: BLE001 - offline, gated, missing: all mean "cannot load"
         raise ModelUnavailable(
             f"model {cfg.name}: its weights cannot be loaded from the Hugging Face Hub here "
-            f"({type(err).__name__}). {_hint(cfg.name)}"
+            f"({type(err).__name__}: {err}). {_hint(cfg.name)}"
         ) from None
     return json.loads(Path(path).read_text())
 
