@@ -48,8 +48,16 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
     return row
 
 
+def _table(rows: list[dict[str, Any]]) -> "pa.Table":
+    """Copy rows into an Arrow table; only then may the buffers their pixels view be released."""
+    from schemas.records import UNITS_SCHEMA, to_table
+
+    return to_table([{k: v for k, v in r.items() if k != "_keepalive"} for r in rows], UNITS_SCHEMA)
+
+
 # Units per output table: small blocks keep a 500-page PDF from becoming one huge block in memory.
 CHUNK_UNITS = 8
+CHUNK_BYTES = 16 * 2**20
 
 
 class ExpandSource:
@@ -70,17 +78,18 @@ class ExpandSource:
         self.video_settings = {k: v for k, v in self.image_settings.items() if k == "downsample_mode"}
 
     def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
-        from schemas.records import UNITS_SCHEMA, to_table
-
         rows: list[dict[str, Any]] = []
+        size = 0
         for src in batch.to_pylist():
             for row in self._expand(src):
                 rows.append(row)
-                if len(rows) >= CHUNK_UNITS:
-                    yield to_table(rows, UNITS_SCHEMA)
-                    rows = []
+                size += sum(v.nbytes for v in row["pixels"])
+                # Few live page buffers: big pages go out alone, small units in groups.
+                if len(rows) >= CHUNK_UNITS or size >= CHUNK_BYTES:
+                    yield _table(rows)
+                    rows, size = [], 0
         if rows:
-            yield to_table(rows, UNITS_SCHEMA)
+            yield _table(rows)
 
     def _expand(self, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
         from pipeline import storage
@@ -136,7 +145,7 @@ class ExpandSource:
 
             tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
             return expand_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
-                              tile_min_area=j.tiling.min_page_area)
+                              tile_min_area=j.tiling.min_page_area, fit=self._page_size)
         if media_type == "image":
             from pipeline.media.image import expand_image
 
@@ -150,6 +159,7 @@ class ExpandSource:
         from pipeline.media import textlayer
 
         base = dict(
+            _keepalive=unit.keepalive,
             unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
             text_layer_quality=textlayer.quality(unit.text_layer), start_s=unit.start_s, end_s=unit.end_s,
             flags=list(unit.flags), error_type=unit.error_type, error_message=unit.error_message, preprocess_ms=ms,
@@ -171,8 +181,13 @@ class ExpandSource:
 
     @staticmethod
     def _pixels(frames: list) -> dict[str, Any]:
+        import numpy as np
+
         h, w = frames[0].shape[:2]
-        return {"pixels": [f.tobytes() for f in frames], "width": w, "height": h, "num_frames": len(frames)}
+        # Arrow copies each buffer once when the table is built; a memoryview avoids a second copy
+        # (tobytes) of what can be 20 MB per page.
+        views = [memoryview(np.ascontiguousarray(f)).cast("B") for f in frames]
+        return {"pixels": views, "width": w, "height": h, "num_frames": len(frames)}
 
     def _tiles(self, frame, force: bool = False):
         """Tiles for an oversized frame; `force`: a page rendered above its budget on purpose (a poster)."""
@@ -185,6 +200,12 @@ class ExpandSource:
             return None
         tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
         return tiles if len(tiles) > 1 else None
+
+    def _page_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size a page of this natural render size should render at (see _fit); None: as is."""
+        from pipeline.media.slicing import model_input_size
+
+        return model_input_size(self.family, width, height, **self.image_settings)
 
     def _fit(self, frame, video: bool):
         """Resize on the CPU to the size the processor will work at, when that keeps its plan exact.

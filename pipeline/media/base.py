@@ -35,3 +35,6 @@ class MediaUnit:
     error_type: str | None = None
     error_message: str | None = None
     flags: list[str] = field(default_factory=list)  # e.g. "pdf_repaired", "exif_rotated", "alpha_flattened"
+    # What `frames` may be views of (a MuPDF pixmap): hold it until the pixels are copied into Arrow.
+    # Copying a 20 MB page into a fresh Python buffer costs ~10x MuPDF's render (page faults).
+    keepalive: object = None

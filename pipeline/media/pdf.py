@@ -29,7 +29,7 @@ same way (+~0.5 ms there). Scans: no extra cost.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pymupdf
@@ -45,13 +45,15 @@ _TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT  # what page.get_text() uses: the text laye
 
 def expand_pdf(
     data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
-    tile_min_area: float = 0.0,
+    tile_min_area: float = 0.0, fit: Callable[[int, int], tuple[int, int] | None] | None = None,
 ) -> Iterator[MediaUnit]:
     """Yield one "page" unit per page of a PDF, rendered to about `pixel_budget` pixels.
 
     With `tile_min_dpi`, a page of at least `tile_min_area` square inches that the budget would
     render below that DPI (a poster, a drawing) renders at `tile_min_dpi` instead, flagged
-    "render_for_tiling", for the caller to tile.
+    "render_for_tiling", for the caller to tile. `fit(width, height)` may name the exact size the
+    model's processor works at for a page of that natural size: the page then renders straight at
+    that size (no resize afterwards, which would cost far more than the render).
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
     doc = _open(data, limits)
@@ -59,7 +61,7 @@ def expand_pdf(
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
         for index in range(min(n_pages, limits.max_pages)):
-            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area)
+            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area, fit)
         for index in range(limits.max_pages, n_pages):
             yield MediaUnit(
                 unit_index=index, unit_kind="page", error_type="page_limit",
@@ -103,6 +105,7 @@ def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
 def _page_unit(
     doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str],
     tile_min_dpi: float | None = None, tile_min_area: float = 0.0,
+    fit: Callable[[int, int], tuple[int, int] | None] | None = None,
 ) -> MediaUnit:
     flags = list(doc_flags)
     try:
@@ -118,7 +121,10 @@ def _page_unit(
         # The switch is not in PdfConfig yet: on by default; a config field of this name turns it off.
         detect = getattr(cfg, "detect_text_orientation", True)
         text, rotation = _text_and_rotation(page, cfg.extract_text_layer, detect)
-        frame = _render(page, dpi, rotation)
+        target = None
+        if fit is not None and "render_for_tiling" not in flags:
+            target = fit(*_natural_size(page.rect, dpi, rotation))
+        frame, pix = _render(page, dpi, rotation, target)
         if rotation:
             flags.append(f"rotated_{rotation}")
     except Exception as err:  # MuPDF raises RuntimeError, ValueError and friends; any of them fails only this page
@@ -128,7 +134,7 @@ def _page_unit(
         )
     if doc_flags and _is_blank(frame):
         flags.append("blank_page")  # in a repaired document a flat page is likely lost content, not a blank page
-    return MediaUnit(unit_index=index, unit_kind="page", frames=[frame], text_layer=text, flags=flags)
+    return MediaUnit(unit_index=index, unit_kind="page", frames=[frame], text_layer=text, flags=flags, keepalive=pix)
 
 
 def _fit_max_pixels(rect: pymupdf.Rect, dpi: float, max_pixels: int, flags: list[str]) -> float:
@@ -202,15 +208,37 @@ def _weighted_lines(textpage: pymupdf.TextPage) -> list[tuple[float, float, int]
     return lines
 
 
-def _render(page: pymupdf.Page, dpi: float, rotation: int = 0) -> np.ndarray:
+def _natural_size(rect: pymupdf.Rect, dpi: float, rotation: int) -> tuple[int, int]:
+    """(width, height) of the upright render at `dpi` (a quarter turn swaps the sides)."""
+    zoom = dpi / _POINTS_PER_INCH
+    w, h = rect.width * zoom, rect.height * zoom
+    return (round(h), round(w)) if rotation in (90, 270) else (round(w), round(h))
+
+
+def _render(
+    page: pymupdf.Page, dpi: float, rotation: int = 0, target: tuple[int, int] | None = None
+) -> tuple[np.ndarray, pymupdf.Pixmap | None]:
+    """The page as an (H, W, 3) uint8 array, and the pixmap it is a view of (None when it owns its data)."""
     zoom = dpi / _POINTS_PER_INCH
     matrix = pymupdf.Matrix(zoom, zoom)
+    if target is not None:
+        # Scale x and y separately so the pixmap comes out at exactly `target` (the scale applies
+        # after the rotation below, i.e. in the upright output's axes).
+        up_w, up_h = (page.rect.height, page.rect.width) if rotation in (90, 270) else (page.rect.width, page.rect.height)
+        matrix = pymupdf.Matrix(target[0] / up_w, target[1] / up_h)
     if rotation:
         matrix.prerotate(rotation)  # clockwise on the rendered page, on top of /Rotate
     pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
-    # Rows may be padded (stride > width*3); the copy detaches the array from MuPDF's buffer.
     rows = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.stride)
-    return rows[:, : pix.width * 3].reshape(pix.height, pix.width, 3).copy()
+    frame = rows[:, : pix.width * 3].reshape(pix.height, pix.width, 3)
+    if target is not None and (pix.width, pix.height) != target:
+        # MuPDF rounds the pixmap box outward; a pixel off would change the processor's plan.
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.BILINEAR)), None
+    # A view of MuPDF's buffer, valid while `pix` lives: the caller keeps it (MediaUnit.keepalive).
+    # A 300 dpi page is ~20 MB: copying it into a new Python buffer costs ~10x the render itself.
+    return frame, pix
 
 
 def _is_blank(frame: np.ndarray) -> bool:
