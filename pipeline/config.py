@@ -213,6 +213,17 @@ class EngineConfig(_Model):
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs reserved per engine actor.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Torch device; `auto` picks cuda, mps, cpu.")
     max_retries: int = Field(1, ge=0, description="Retries of a failed engine call, one unit at a time, before error rows.")
+    reslice_on_overflow: bool = Field(
+        True,
+        description="A unit whose estimated prompt (text + visual tokens + max_new_tokens) exceeds the context "
+        "(engine.vllm.max_model_len; the checkpoint's max_position_embeddings for transformers) is retried with "
+        "fewer slices (max_slice_nums halved until it fits or 1; flag `resliced_<n>`) instead of becoming a "
+        "`prompt_too_long` error row. vLLM's 2.x-4.5 models fix slices per engine and are never re-sliced.",
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Restarts of an engine actor whose process died (OOM, segfault), each retrying its "
+        "in-flight batch; beyond this the job stops rather than looping forever.",
+    )
     vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="vLLM settings.")
     openai: OpenAIOptions = Field(default_factory=OpenAIOptions, description="OpenAI-compatible server settings.")
 

@@ -16,12 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import JobConfig
 from pipeline.engines.base import Engine, Reply, Request
+from pipeline.guards import PROMPT_TOO_LONG
 from pipeline.tasks import ResolvedTask
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pyarrow as pa
 
+    from pipeline.guards import Verdict
+
 log = logging.getLogger(__name__)
+
+#: Times one engine actor rebuilds a dead engine before its units become `engine_error` rows.
+MAX_ENGINE_REBUILDS = 2
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,10 @@ class InferStage:
 
         self.job, self.ctx = job, ctx
         model_dir = materialize(job.model, job.storage) if ctx.engine in LOADS_WEIGHTS else None
+        self._model_dir = model_dir
         self.engine: Engine = make_engine(job, model_dir, ctx.family, ctx.engine)
+        self.rebuilds_left = MAX_ENGINE_REBUILDS
+        self.context_limit = _context_limit(job, ctx.engine, model_dir)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         from schemas.records import RESULTS_SCHEMA, to_table
@@ -64,7 +75,16 @@ class InferStage:
                         out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
                                              output_source="text_layer", tile_index=None, num_tiles=None))
                 else:
-                    todo.append((unit, task, self._request(unit, task)))
+                    verdict = self._guard(unit, task)
+                    if verdict is not None and not verdict.ok:
+                        out.append(self._row(unit, task, now, status="error", error_type=PROMPT_TOO_LONG,
+                                             error_message=verdict.error_message))
+                        continue
+                    request = self._request(unit, task)
+                    if verdict is not None and verdict.flag:
+                        request.processor_kwargs["max_slice_nums"] = verdict.max_slice_nums
+                        unit = {**unit, "flags": [*(unit["flags"] or []), verdict.flag]}
+                    todo.append((unit, task, request))
         if todo:
             t0 = time.perf_counter()
             replies = self._generate([r for _, _, r in todo])
@@ -72,6 +92,32 @@ class InferStage:
             for (unit, task, _), reply in zip(todo, replies, strict=True):
                 out.append(self._reply_row(unit, task, reply, per_ms, now))
         return to_table(out, RESULTS_SCHEMA)
+
+    def _guard(self, unit: dict[str, Any], task: ResolvedTask) -> "Verdict | None":
+        """Estimate the unit's prompt against the context limit (None: no limit known, no check)."""
+        from pipeline.guards import check_unit, estimate_text_tokens
+
+        if self.context_limit is None:
+            return None
+        m = self.job.model
+        hint = unit["text_layer"] if unit["tile_index"] is None else None
+        count = getattr(self.engine, "count_text_tokens", None)
+        text_tokens = estimate_text_tokens(task.prompt_for(hint), count)
+        is_clip = unit["unit_kind"] == "clip"
+        # Re-slicing needs an engine that takes max_slice_nums per request (vLLM's `minicpmv` does not).
+        reslice = self.job.engine.reslice_on_overflow and bool(
+            getattr(self.engine, "per_request_slices", True))
+        try:
+            return check_unit(
+                self.ctx.family, unit["unit_kind"], unit["width"], unit["height"], len(unit["pixels"] or []),
+                text_tokens, task.max_new_tokens, self.context_limit,
+                max_slice_nums=None if is_clip else m.max_slice_nums,
+                downsample_mode=m.downsample_mode, use_image_id=None if is_clip else m.use_image_id,
+                reslice=reslice,
+            )
+        except ValueError as err:  # a family or setting slicing.py does not model: let the engine decide
+            log.debug("no prompt estimate for %s: %s", unit["source_uri"], err)
+            return None
 
     def _text_layer_usable(self, unit: dict[str, Any]) -> bool:
         from pipeline.media.textlayer import usable
@@ -99,13 +145,18 @@ class InferStage:
         )
 
     def _generate(self, requests: list[Request]) -> list[Reply]:
-        """Run a batch; if the batch raises, retry each request alone so one bad unit fails alone."""
+        """Run a batch; if the batch raises, retry each request alone so one bad unit fails alone.
+
+        An engine that died (it says so with a true `dead` attribute, as VLLMEngine does) is rebuilt
+        in this actor, at most MAX_ENGINE_REBUILDS times per actor, before the retries.
+        """
         try:
             replies = self.engine.generate(requests)
             if len(replies) != len(requests):
                 raise RuntimeError(f"engine returned {len(replies)} replies for {len(requests)} requests")
             return replies
         except Exception as err:  # noqa: BLE001
+            self._revive(err)
             if len(requests) == 1 and self.job.engine.max_retries == 0:
                 return [Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}")]
             log.warning("engine batch of %d failed (%s); retrying one at a time", len(requests), err)
@@ -114,12 +165,38 @@ class InferStage:
     def _one(self, request: Request) -> Reply:
         err: Exception | None = None
         for _ in range(self.job.engine.max_retries + 1):
+            if self._engine_dead():
+                break  # no rebuild left: fail fast instead of waiting on a dead engine
             try:
                 (reply,) = self.engine.generate([request])
                 return reply
             except Exception as e:  # noqa: BLE001
                 err = e
+                self._revive(e)
+        if err is None:
+            return Reply(error_type="engine_error", error_message="engine died and could not be rebuilt")
         return Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}")
+
+    def _engine_dead(self) -> bool:
+        return bool(getattr(self.engine, "dead", False))
+
+    def _revive(self, err: BaseException) -> None:
+        """Rebuild a dead engine in place (bounded); a live engine is left alone."""
+        from pipeline.engines.factory import make_engine
+
+        if not self._engine_dead() or self.rebuilds_left <= 0:
+            return
+        self.rebuilds_left -= 1
+        log.warning("engine died (%s); rebuilding it (%d rebuild(s) left in this actor)", err, self.rebuilds_left)
+        try:
+            self.engine.close()
+        except Exception as close_err:  # noqa: BLE001 - a dead engine may not close cleanly
+            log.warning("closing the dead engine failed: %s", close_err)
+        try:
+            self.engine = make_engine(self.job, self._model_dir, self.ctx.family, self.ctx.engine)
+        except Exception as build_err:  # noqa: BLE001
+            log.error("rebuilding the engine failed: %s", build_err)
+            self.rebuilds_left = 0
 
     def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, reply: Reply, ms: float, now: datetime) -> dict[str, Any]:
         if reply.error_type:
@@ -151,3 +228,21 @@ class InferStage:
         }
         row.update(extra)
         return row
+
+
+def _context_limit(job: JobConfig, engine: str, model_dir: "Path | None") -> int | None:
+    """The context length prompts must fit: vLLM's max_model_len, else the checkpoint's
+    max_position_embeddings where its config.json says (None: unknown, no guard)."""
+    import json
+
+    from pipeline.guards import context_limit_from_config
+
+    if engine == "vllm":
+        return job.engine.vllm.max_model_len
+    if model_dir is None:
+        return None
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    return context_limit_from_config(config)

@@ -53,6 +53,11 @@ class Engine(abc.ABC):
         means the whole batch failed (the stage then retries requests one at a time).
         """
 
+    def count_text_tokens(self, text: str) -> int | None:
+        """Tokens of `text` as the prompt of one user turn (chat template included), for the
+        prompt-length guard (pipeline/guards.py); None: this engine cannot tell, the guard estimates."""
+        return None
+
     def model_info(self) -> dict[str, str]:
         """Provenance: model name, family, revision/commit where known."""
         return {}
