@@ -9,7 +9,8 @@ Two kinds of model sit behind vLLM:
   come from the chat template with one image (or video) content item per image (clip); the
   template renders the tokenizer's `image_token` / `video_token`, which vLLM expands.
 
-What differs between generations is one table, `GENERATIONS`, not `if`s. Per request the engine
+What differs between generations is one table, not `if`s: the family facts (stop tokens, slices,
+downsample mode) are pipeline.models.FAMILIES, the vLLM-only knobs are `VLLM_SETTINGS` here. Per request the engine
 resolves the processor options (family recommendation < engine setting < request override),
 passes them as `mm_processor_kwargs`, and returns replies in input order. One generate call
 serves the whole batch; if vLLM rejects the batch (a prompt longer than `max_model_len`, an
@@ -21,7 +22,6 @@ vLLM is imported inside methods only: importing this module costs nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -35,74 +35,72 @@ from pipeline.engines.base import Engine, Reply, Request
 
 log = logging.getLogger(__name__)
 
-_QWEN_STOPS = ("<|im_end|>", "<|endoftext|>")
 _PROCESSOR_OPTIONS = ("max_slice_nums", "use_image_id", "downsample_mode")
 _DOWNSAMPLE_MODES = ("4x", "16x")
 
 
 @dataclass(frozen=True)
-class Generation:
-    """How one MiniCPM-V generation is driven through vLLM."""
+class VLLMSettings:
+    """How vLLM drives one generation: only what vLLM adds to the family facts in pipeline.models."""
 
-    name: str  # family name (pipeline.models names for 4.6+)
     native: bool  # vLLM native model + transformers processor (else `minicpmv` + remote code)
-    stop_tokens: tuple[str, ...]
-    image_max_slice_nums: int = 9  # recommended slices per image
-    video_max_slice_nums: int = 1  # vLLM fixes 1 slice per frame for every generation
-    use_image_id_images: bool = True
-    downsample_mode: str | None = None  # only 4.6+ have 4x/16x visual-token downsampling
     supports_video: bool = True
     # Resampler code calls torch.cuda.is_current_stream_capturing(), which fails without a GPU.
     needs_stream_capture_patch: bool = False
-    vllm_supported: bool = True  # False: no vLLM model in the versions we test (0.32)
 
 
 # Placeholders of the `minicpmv` generations (vLLM's MiniCPMVProcessingInfo patterns).
 LEGACY_IMAGE_PLACEHOLDER = "(<image>./</image>)"
 LEGACY_VIDEO_PLACEHOLDER = "(<video>./</video>)"
 
-GENERATIONS: dict[str, Generation] = {
-    g.name: g
-    for g in (
-        # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM; 2.5 ends turns with <|eot_id|>.
-        Generation("minicpmv2_0", native=False, stop_tokens=("</s>", "<|im_end|>"), supports_video=False,
-                   needs_stream_capture_patch=True),
-        Generation("minicpmv2_5", native=False, stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
-                   supports_video=False, needs_stream_capture_patch=True),
-        Generation("minicpmv2_6", native=False, stop_tokens=_QWEN_STOPS, needs_stream_capture_patch=True),
-        Generation("minicpmv4_0", native=False, stop_tokens=_QWEN_STOPS, needs_stream_capture_patch=True),
-        Generation("minicpmv4_5", native=False, stop_tokens=_QWEN_STOPS),
-        Generation("minicpmv4_6", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
-                   downsample_mode="16x"),
-        Generation("minicpmv4_7", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
-                   downsample_mode="16x"),
-        Generation("minicpm_ocr", native=True, stop_tokens=_QWEN_STOPS, image_max_slice_nums=36,
-                   downsample_mode="4x", vllm_supported=False),
-    )
+#: vLLM-specific knobs per family. Stop tokens, recommended slices, image ids, downsample mode and
+#: which engines serve a family come from pipeline.models.FAMILIES (one table for every engine).
+VLLM_SETTINGS: dict[str, VLLMSettings] = {
+    # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM.
+    "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
+    "minicpmv2_5": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
+    "minicpmv2_6": VLLMSettings(native=False, needs_stream_capture_patch=True),
+    "minicpmv4_0": VLLMSettings(native=False, needs_stream_capture_patch=True),
+    "minicpmv4_5": VLLMSettings(native=False),
+    "minicpmv4_6": VLLMSettings(native=True),
+    "minicpmv4_7": VLLMSettings(native=True),
+    "minicpm_ocr": VLLMSettings(native=True),  # no vLLM model in 0.32 (FAMILIES' engines say so)
 }
-_NATIVE_MODEL_TYPES = {"minicpmv4_6": "minicpmv4_6", "minicpmv4_7": "minicpmv4_7", "minicpm_ocr": "minicpm_ocr"}
 
 
-def detect_generation(model_dir: str | Path) -> str:
-    """Family name from `model_dir/config.json`: native `model_type`, else `minicpmv` + `version`."""
-    config_path = Path(model_dir) / "config.json"
+@dataclass(frozen=True)
+class Generation:
+    """One family as the vLLM engine sees it: the FAMILIES facts plus VLLM_SETTINGS."""
+
+    name: str
+    native: bool
+    stop_tokens: tuple[str, ...]
+    image_max_slice_nums: int
+    video_max_slice_nums: int
+    use_image_id_images: bool
+    downsample_mode: str | None  # only the native (4.6+) models have 4x/16x visual-token downsampling
+    supports_video: bool
+    needs_stream_capture_patch: bool
+    vllm_supported: bool
+
+
+def generation(family: str) -> Generation:
+    """The vLLM view of `family` (ValueError naming the allowed families otherwise)."""
+    from pipeline.models import get_family
+
+    spec = get_family(family)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {config_path}: {exc}") from exc
-    model_type = config.get("model_type")
-    if model_type in _NATIVE_MODEL_TYPES:
-        return _NATIVE_MODEL_TYPES[model_type]
-    if model_type == "minicpmv" or "MiniCPMV" in (config.get("architectures") or []):
-        version = config.get("version")
-        if version is None:  # the oldest configs carry no version (vLLM's rule)
-            return "minicpmv2_0" if config.get("hidden_size") == 2304 and config.get("query_num") == 64 else "minicpmv2_5"
-        name = "minicpmv" + str(version).replace(".", "_")
-        if name in GENERATIONS:
-            return name
-        raise ValueError(f"unsupported MiniCPM-V version {version!r} in {config_path}")
-    raise ValueError(f"unsupported model_type {model_type!r} in {config_path}; supported: "
-                     f"minicpmv (2.0-4.5), {', '.join(sorted(_NATIVE_MODEL_TYPES))}")
+        knobs = VLLM_SETTINGS[family]
+    except KeyError:
+        raise ValueError(f"{spec.display} has no vLLM settings; known: {', '.join(VLLM_SETTINGS)}") from None
+    return Generation(
+        name=spec.name, native=knobs.native, stop_tokens=spec.stop_tokens,
+        image_max_slice_nums=spec.image_max_slice_nums, video_max_slice_nums=spec.video_max_slice_nums,
+        use_image_id_images=spec.use_image_id_images,
+        downsample_mode=spec.downsample_mode if knobs.native else None,
+        supports_video=knobs.supports_video, needs_stream_capture_patch=knobs.needs_stream_capture_patch,
+        vllm_supported="vllm" in spec.engines,
+    )
 
 
 def _patch_stream_capture_on_cpu() -> None:
@@ -153,12 +151,11 @@ class VLLMEngine(Engine):
         KV cache to `cpu_kvcache_space_gib` (vLLM would otherwise take most of the RAM) and uses
         bfloat16 for dtype "auto" (vLLM's CPU kernels for the 4.6+ backbone require it).
         """
+        from pipeline.models import detect_family
+
         self.model_dir = str(model_dir)
-        self.family = family or detect_generation(model_dir)
-        try:
-            self.gen = GENERATIONS[self.family]
-        except KeyError:
-            raise ValueError(f"unknown model family {self.family!r}; allowed: {', '.join(GENERATIONS)}") from None
+        self.family = family or detect_family(model_dir)
+        self.gen = generation(self.family)
         if not self.gen.vllm_supported:
             raise ValueError(f"{self.family} has no vLLM model in this vLLM version; use engine: transformers")
         if not self.gen.native and not trust_remote_code:
@@ -274,6 +271,24 @@ class VLLMEngine(Engine):
                 if match is not None:
                     replies[pending.pop(match)] = _reply(output)
         return [r if r is not None else _error(RuntimeError("no reply produced")) for r in replies]
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine failed while running: it must be rebuilt (InferStage does)."""
+        return self._failed is not None
+
+    @property
+    def per_request_slices(self) -> bool:
+        """Whether a request may set its own max_slice_nums (the guard's re-slicing needs it)."""
+        return self.gen.native
+
+    def count_text_tokens(self, text: str) -> int | None:
+        """Tokens of `text` as a text-only user turn rendered by the chat template (visual tokens
+        of the placeholders the engine adds are counted by the guard from the slicing plan)."""
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+        return len(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def model_info(self) -> dict[str, str]:
         import vllm

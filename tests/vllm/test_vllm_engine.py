@@ -19,7 +19,8 @@ pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the Hub
 
 from pipeline.engines.base import Reply, Request  # noqa: E402
-from pipeline.engines.vllm import GENERATIONS, VLLMEngine, detect_generation  # noqa: E402
+from pipeline.engines.vllm import VLLMEngine, generation  # noqa: E402
+from pipeline.models import detect_family  # noqa: E402
 
 MAX_NEW = 6
 MAX_MODEL_LEN = 2048
@@ -44,9 +45,9 @@ def _build(family: str, out: Path) -> Path:
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMEngine]:
     family = request.param
     path = _build(family, tmp_path_factory.mktemp(family))
-    assert detect_generation(path) == family
+    assert detect_family(path) == family
     start = time.perf_counter()
-    eng = VLLMEngine(str(path), trust_remote_code=not GENERATIONS[family].native, load_format="dummy",
+    eng = VLLMEngine(str(path), trust_remote_code=not generation(family).native, load_format="dummy",
                      enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_images_per_prompt=2)
     print(f"\n{family}: engine start {time.perf_counter() - start:.1f}s")
     assert eng.family == family
@@ -110,7 +111,7 @@ def test_processor_options_per_request(engine: VLLMEngine) -> None:
         Request("Describe.", [big], max_new_tokens=MAX_NEW, processor_kwargs={"max_slice_nums": 1}),
     ])
     _ok(default)
-    if GENERATIONS[engine.family].native:
+    if generation(engine.family).native:
         _ok(one_slice)
         assert one_slice.prompt_tokens < default.prompt_tokens
     else:
@@ -134,6 +135,30 @@ def test_model_info(engine: VLLMEngine) -> None:
     assert info["engine"] == "vllm" and info["family"] == engine.family and info["vllm_version"]
 
 
+def test_guard_estimate_matches_the_engine(engine: VLLMEngine) -> None:
+    """The prompt-length guard's estimate (tokenizer text count + slicing plan) is what vLLM counts."""
+    from pipeline.guards import estimate_text_tokens, visual_tokens
+
+    for h, w in ((200, 300), (600, 900)):
+        reply = engine.generate([Request("Describe the image.", [_image(h, w, 7)], max_new_tokens=MAX_NEW)])[0]
+        _ok(reply)
+        text = estimate_text_tokens("Describe the image.", engine.count_text_tokens)
+        visual = visual_tokens(engine.family, "image", w, h, 1)
+        # The placeholder text the engine adds and its newline are not in the text-only count.
+        assert abs(text + visual - reply.prompt_tokens) <= 8, (text, visual, reply.prompt_tokens)
+
+
+def test_engine_reports_death() -> None:
+    """VLLMEngine.dead is what InferStage checks before rebuilding it."""
+    eng = VLLMEngine.__new__(VLLMEngine)
+    eng._failed = None
+    assert not eng.dead
+    eng._failed = "EngineDeadError()"
+    assert eng.dead
+    with pytest.raises(RuntimeError, match="must be restarted"):
+        eng.generate([Request("x")])
+
+
 @pytest.mark.parametrize("version", ["2.6", "4.0"])
 def test_older_remote_code_generations(version: str, tmp_path: Path) -> None:
     """2.6 (Qwen2) and 4.0 (Llama) run too; their resampler needs the CPU stream-capture patch."""
@@ -141,7 +166,7 @@ def test_older_remote_code_generations(version: str, tmp_path: Path) -> None:
 
     path = build_tiny_legacy(version, tmp_path / version)
     family = "minicpmv" + version.replace(".", "_")
-    assert detect_generation(path) == family
+    assert detect_family(path) == family
     eng = VLLMEngine(str(path), trust_remote_code=True, load_format="dummy", enforce_eager=True,
                      max_model_len=MAX_MODEL_LEN, max_images_per_prompt=1)
     try:
