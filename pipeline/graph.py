@@ -29,8 +29,14 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
         batch_format="pyarrow",
         **plan.preprocess,
     )
+    # vLLM gets the async stage (batches overlap inside the engine); other engines the plain one.
+    stage = InferStage
+    if ctx.engine == "vllm":
+        from pipeline.infer_async import AsyncInferStage
+
+        stage = AsyncInferStage
     ds = ds.map_batches(
-        InferStage,
+        stage,
         fn_constructor_kwargs={"job": job, "ctx": ctx},
         batch_format="pyarrow",
         **plan.infer,

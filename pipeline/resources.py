@@ -89,6 +89,16 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
         "num_cpus": e.cpus_per_replica,
         "batch_size": e.batch_size,
     }
+    # A dead engine process is restarted and its task retried, a bounded number of times (Ray Data's
+    # default is forever, so an input that kills the process every time would loop).
+    infer["max_restarts"] = e.max_restarts
+    infer["max_task_retries"] = e.max_restarts
+    if engine == "vllm":
+        # Overlapping batches in each engine actor (pipeline/infer_async.py): enough calls in flight
+        # to keep vLLM's scheduler full, so the engine never drains at a batch's longest reply.
+        k = max(4, -(-e.vllm.max_num_seqs // e.batch_size))
+        infer["compute"] = ActorPoolStrategy(size=e.replicas, max_tasks_in_flight_per_actor=2 * k)
+        infer["max_concurrency"] = k
     if tp > 1 and gpus_per_replica > 0:
         # vLLM spreads one replica over `tp` GPUs with Ray workers of its own: the actor takes no GPU
         # itself and each replica gets a placement group of `tp` GPU bundles on one node.
