@@ -28,9 +28,10 @@ demo: $(STAMP)
 # torch/transformers); the setup script is a no-op when .venv-vllm is up to date.
 VLLM_VENV ?= .venv-vllm
 
+# The vLLM environment comes first: the main suite's HTTP-engine tests serve a tiny model from it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
 	bash scripts/setup_vllm_env.sh $(abspath $(VLLM_VENV))
+	$(BIN)/python -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm -q
 
 # Benchmarks print their figures and write JSON under bench/results/ (never asserted in tests).
