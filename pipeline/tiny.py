@@ -193,6 +193,9 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     spec = get_family(family)
+    if not spec.native_transformers:
+        raise ValueError(f"{family} has no native transformers classes; build it with "
+                         f"pipeline.tiny_legacy.build_tiny_legacy({spec.version!r}, dir) (vLLM, load_format dummy)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

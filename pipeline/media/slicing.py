@@ -72,6 +72,8 @@ def _native_specs() -> list[SliceSpec]:
 
     specs = []
     for f in FAMILIES.values():
+        if not f.native_transformers:
+            continue  # 2.0-4.5 have their own specs below (fixed query_num, remote-code layout)
         specs.append(
             SliceSpec(
                 name=f.name,

@@ -37,7 +37,10 @@ def _image(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+NATIVE = sorted(name for name, spec in FAMILIES.items() if spec.native_transformers)
+
+
+@pytest.fixture(scope="module", params=NATIVE)
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, float]:
     family = request.param
     start = time.perf_counter()
@@ -53,9 +56,9 @@ def engine(tiny: tuple[str, Path, float]) -> TransformersEngine:
     return eng
 
 
-def test_build_is_fast_and_complete(tiny: tuple[str, Path, float]) -> None:
-    family, path, seconds = tiny
-    assert seconds < 30, f"build_tiny({family}) took {seconds:.1f}s"
+def test_build_is_complete(tiny: tuple[str, Path, float]) -> None:
+    # How long a build takes is a benchmark's business, not a test's (no wall-clock assertions).
+    family, path, _ = tiny
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "processor_config.json"} <= names
@@ -210,3 +213,8 @@ def test_pick_device_and_lazy_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert out.stdout.strip() == "[]"
+
+
+def test_legacy_families_are_refused_with_the_right_builder(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="build_tiny_legacy\\('4.5'"):
+        build_tiny("minicpmv4_5", tmp_path / "x")
