@@ -62,29 +62,7 @@ class InferStage:
         from schemas.records import RESULTS_SCHEMA, to_table
 
         now = datetime.now(timezone.utc)
-        out: list[dict[str, Any]] = []
-        todo: list[tuple[dict[str, Any], ResolvedTask, Request]] = []
-        for unit in batch.to_pylist():
-            for name in unit["tasks"]:
-                task = self.ctx.tasks[name]
-                if unit["error_type"] is not None:
-                    status = "skipped" if unit["error_type"] == "task_not_applicable" else "error"
-                    out.append(self._row(unit, task, now, status=status))
-                elif task.text_layer == "use" and self._text_layer_usable(unit):
-                    if unit["tile_index"] in (None, 0):  # one row for the whole page, not one per tile
-                        out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
-                                             output_source="text_layer", tile_index=None, num_tiles=None))
-                else:
-                    verdict = self._guard(unit, task)
-                    if verdict is not None and not verdict.ok:
-                        out.append(self._row(unit, task, now, status="error", error_type=PROMPT_TOO_LONG,
-                                             error_message=verdict.error_message))
-                        continue
-                    request = self._request(unit, task)
-                    if verdict is not None and verdict.flag:
-                        request.processor_kwargs["max_slice_nums"] = verdict.max_slice_nums
-                        unit = {**unit, "flags": [*(unit["flags"] or []), verdict.flag]}
-                    todo.append((unit, task, request))
+        out, todo = self._split(batch, now)
         if todo:
             t0 = time.perf_counter()
             replies = self._generate([r for _, _, r in todo])
@@ -118,6 +96,38 @@ class InferStage:
         except ValueError as err:  # a family or setting slicing.py does not model: let the engine decide
             log.debug("no prompt estimate for %s: %s", unit["source_uri"], err)
             return None
+
+    def _split(self, batch: "pa.Table", now: datetime) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], ResolvedTask, Request]]]:
+        """Rows that need no engine (error units, usable text layers, prompts too long) and the requests that do."""
+        out: list[dict[str, Any]] = []
+        todo: list[tuple[dict[str, Any], ResolvedTask, Request]] = []
+        for unit in batch.to_pylist():
+            for name in unit["tasks"]:
+                task = self.ctx.tasks[name]
+                if unit["error_type"] is not None:
+                    status = "skipped" if unit["error_type"] == "task_not_applicable" else "error"
+                    out.append(self._row(unit, task, now, status=status))
+                elif task.text_layer == "use" and self._text_layer_usable(unit):
+                    if unit["tile_index"] in (None, 0):  # one row for the whole page, not one per tile
+                        out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
+                                             output_source="text_layer", tile_index=None, num_tiles=None))
+                else:
+                    verdict = self._guard(unit, task)
+                    if verdict is not None and not verdict.ok:
+                        out.append(self._row(unit, task, now, status="error", error_type=PROMPT_TOO_LONG,
+                                             error_message=verdict.error_message))
+                        continue
+                    try:
+                        request = self._request(unit, task)
+                    except Exception as exc:  # noqa: BLE001 - a unit whose pixels cannot be read fails alone
+                        out.append(self._row(unit, task, now, status="error", error_type=type(exc).__name__,
+                                             error_message=str(exc)[:2000]))
+                        continue
+                    if verdict is not None and verdict.flag:
+                        request.processor_kwargs["max_slice_nums"] = verdict.max_slice_nums
+                        unit = {**unit, "flags": [*(unit["flags"] or []), verdict.flag]}
+                    todo.append((unit, task, request))
+        return out, todo
 
     def _text_layer_usable(self, unit: dict[str, Any]) -> bool:
         from pipeline.media.textlayer import usable

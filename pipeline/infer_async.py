@@ -90,7 +90,8 @@ class EngineDriver:
     # -- engine thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        from pipeline.engines.vllm import _error, _is_engine_dead, _reply
+        from pipeline.engines.base import error_reply as _error
+        from pipeline.engines.vllm import _is_engine_dead, _reply
 
         llm = self.engine.llm
         core = llm.llm_engine
@@ -271,44 +272,6 @@ class AsyncInferStage(InferStage):
                 return False
             self.driver, self._traced = EngineDriver(self.engine), 0
             return True
-
-    def _split(self, batch: "pa.Table", now: datetime) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], "ResolvedTask", Request]]]:
-        """Rows that need no engine (error units, usable text layers) and the requests that do.
-
-        Same decisions as `InferStage.__call__` (which does not expose them as a method yet).
-        """
-        out: list[dict[str, Any]] = []
-        todo: list[tuple[dict[str, Any], ResolvedTask, Request]] = []
-        for unit in batch.to_pylist():
-            for name in unit["tasks"]:
-                task = self.ctx.tasks[name]
-                if unit["error_type"] is not None:
-                    status = "skipped" if unit["error_type"] == "task_not_applicable" else "error"
-                    out.append(self._row(unit, task, now, status=status))
-                elif task.text_layer == "use" and self._text_layer_usable(unit):
-                    if unit["tile_index"] in (None, 0):
-                        out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
-                                             output_source="text_layer", tile_index=None, num_tiles=None))
-                else:
-                    guard = getattr(self, "_guard", None)  # InferStage's prompt-length guard, where present
-                    verdict = guard(unit, task) if guard is not None else None
-                    if verdict is not None and not verdict.ok:
-                        from pipeline.guards import PROMPT_TOO_LONG
-
-                        out.append(self._row(unit, task, now, status="error", error_type=PROMPT_TOO_LONG,
-                                             error_message=verdict.error_message))
-                        continue
-                    try:
-                        request = self._request(unit, task)
-                    except Exception as exc:  # noqa: BLE001 - a unit whose pixels cannot be read
-                        out.append(self._row(unit, task, now, status="error", error_type=type(exc).__name__,
-                                             error_message=str(exc)[:2000]))
-                        continue
-                    if verdict is not None and verdict.flag:
-                        request.processor_kwargs["max_slice_nums"] = verdict.max_slice_nums
-                        unit = {**unit, "flags": [*(unit["flags"] or []), verdict.flag]}
-                    todo.append((unit, task, request))
-        return out, todo
 
     def _flush_trace(self) -> None:
         """Append new (submit, finish) pairs to `trace_path` (benchmarks: engine occupancy)."""

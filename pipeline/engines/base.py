@@ -64,3 +64,23 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release the model (called on actor teardown)."""
+
+
+def check_visuals(request: Request) -> None:
+    """Cheap checks that catch bad arrays before they reach (and fail) a whole engine batch."""
+    for k, image in enumerate(request.images):
+        if not isinstance(image, np.ndarray):
+            raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image {k}: expected an RGB HxWx3 array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image {k}: expected dtype uint8, got {image.dtype}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image {k}: empty image of shape {image.shape}")
+    if request.is_video and len({im.shape for im in request.images}) > 1:
+        raise ValueError(f"video frames must share one size, got {sorted({im.shape for im in request.images})}")
+
+
+def error_reply(exc: BaseException) -> Reply:
+    """The reply for a request that failed alone: the exception's type and (bounded) message."""
+    return Reply(error_type=type(exc).__name__, error_message=str(exc)[:2000] or repr(exc))

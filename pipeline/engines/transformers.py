@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.base import Engine, Reply, Request
+from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
 from pipeline.models import detect_family, get_family
 
 log = logging.getLogger(__name__)
@@ -150,17 +150,17 @@ class TransformersEngine(Engine):
         for i, request in enumerate(requests):
             try:
                 options = self._options(request)
-                _check_visuals(request)
+                check_visuals(request)
                 self._check_prompt(request.prompt)
             except Exception as exc:  # noqa: BLE001 - any bad input becomes that request's error
-                replies[i] = _error(exc)
+                replies[i] = error_reply(exc)
                 continue
             groups.setdefault(options, []).append(i)
 
         for options, indices in groups.items():
             for i, reply in zip(indices, self._run_group(options, [requests[i] for i in indices])):
                 replies[i] = reply
-        return [r if r is not None else _error(RuntimeError("no reply produced")) for r in replies]
+        return [r if r is not None else error_reply(RuntimeError("no reply produced")) for r in replies]
 
     def model_info(self) -> dict[str, str]:
         """Provenance: engine, model path, family, model type, revision where known, dtype, device."""
@@ -275,7 +275,7 @@ class TransformersEngine(Engine):
                     self._preprocess(options, [request])
                     ok.append(i)
                 except Exception as exc:  # noqa: BLE001
-                    replies[i] = _error(exc)
+                    replies[i] = error_reply(exc)
             if not ok:
                 return [r for r in replies if r is not None]
             # The survivors passed alone; together they must pass too (else the batch fails).
@@ -324,21 +324,3 @@ class TransformersEngine(Engine):
                                  finish_reason=finish))
         return replies
 
-
-def _check_visuals(request: Request) -> None:
-    """Cheap checks that catch bad arrays before they reach (and fail) a whole processor batch."""
-    for k, image in enumerate(request.images):
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {k}: expected an RGB HxWx3 array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"image {k}: expected dtype uint8, got {image.dtype}")
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise ValueError(f"image {k}: empty image of shape {image.shape}")
-    if request.is_video and len({im.shape for im in request.images}) > 1:
-        raise ValueError(f"video frames must share one size, got {sorted({im.shape for im in request.images})}")
-
-
-def _error(exc: BaseException) -> Reply:
-    return Reply(error_type=type(exc).__name__, error_message=str(exc)[:2000] or repr(exc))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.base import Engine, Reply, Request
+from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class VLLMEngine(Engine):
                 if _is_engine_dead(exc):
                     self._failed = repr(exc)
                     raise
-                replies[i] = _error(exc)
+                replies[i] = error_reply(exc)
                 continue
             pending[str(request_id)] = i
         if pending:
@@ -270,7 +270,7 @@ class VLLMEngine(Engine):
                 match = key if key in pending else next((k for k in pending if k.split("-", 1)[0] == key), None)
                 if match is not None:
                     replies[pending.pop(match)] = _reply(output)
-        return [r if r is not None else _error(RuntimeError("no reply produced")) for r in replies]
+        return [r if r is not None else error_reply(RuntimeError("no reply produced")) for r in replies]
 
     @property
     def dead(self) -> bool:
@@ -344,7 +344,7 @@ class VLLMEngine(Engine):
 
     def _prompt(self, request: Request) -> dict[str, Any]:
         """vLLM prompt dict: chat-template text, multi_modal_data and mm_processor_kwargs."""
-        _check_visuals(request)
+        check_visuals(request)
         found = [t for t in self._reserved if t in request.prompt]
         if found:
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
@@ -400,21 +400,6 @@ def _cpu_only() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def _check_visuals(request: Request) -> None:
-    """Cheap checks that catch bad arrays before they reach (and fail) a whole vLLM batch."""
-    for k, image in enumerate(request.images):
-        if not isinstance(image, np.ndarray):
-            raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {k}: expected an RGB HxWx3 array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"image {k}: expected dtype uint8, got {image.dtype}")
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise ValueError(f"image {k}: empty image of shape {image.shape}")
-    if request.is_video and len({im.shape for im in request.images}) > 1:
-        raise ValueError(f"video frames must share one size, got {sorted({im.shape for im in request.images})}")
-
-
 def _reply(output: Any) -> Reply:
     completion = output.outputs[0]
     return Reply(
@@ -424,6 +409,3 @@ def _reply(output: Any) -> Reply:
         finish_reason=completion.finish_reason,
     )
 
-
-def _error(exc: BaseException) -> Reply:
-    return Reply(error_type=type(exc).__name__, error_message=str(exc)[:2000] or repr(exc))
