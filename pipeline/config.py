@@ -100,6 +100,10 @@ class PdfConfig(_Model):
     min_dpi: float = Field(72.0, gt=0, description="Floor of the render resolution.")
     max_dpi: float = Field(300.0, gt=0, description="Cap of the render resolution.")
     extract_text_layer: bool = Field(True, description="Store each page's embedded text layer with the unit.")
+    detect_text_orientation: bool = Field(
+        True, description="Turn a page upright before inference when most of its text layer reads sideways or upside "
+        "down (flag rotated_90/180/270); scans without a text layer are not turned."
+    )
     text_layer_min_chars: int = Field(
         50, ge=1, description="`text_layer: use` trusts a page's text layer only with at least this many characters..."
     )

@@ -19,11 +19,13 @@ more than the render), and gets flag "rotated_90" / "rotated_180" / "rotated_270
 applied on top of /Rotate. The decision (>= 60% of the characters in one direction, >= 20 characters)
 is `orientation.dominant_rotation`. Pages without a text layer (scans) are not turned.
 
-Cost (one core, Letter pages of 1-2k characters): one MuPDF text page serves both the text layer and
-the directions, read per line through the low-level bindings: +0.1-0.3 ms per page over get_text()'s
-0.4-0.8 ms (render at the budget: 1-2 ms). extractDICT for every page would add 0.15-1.1 ms, so
-per-line character counts (which need it) are fetched only on pages whose lines do not all point the
-same way (+~0.5 ms there). Scans: no extra cost.
+Cost (one core, Letter pages of 1-2k characters, rendered at a 36-slice budget in ~5 ms): the page's
+content stream is interpreted once, into a display list that feeds both the render and one MuPDF
+text page (~0.1-0.2 ms, where page.get_textpage would interpret the page again for ~0.4 ms). That
+text page serves the text layer (extractText, ~0.05 ms) and the directions, read one line per block
+through the low-level bindings (~0.05 ms). extractDICT for every page would add 0.15-1.1 ms, so
+per-line character counts (which need it) are fetched only on pages whose text does not all point
+the same way (+~0.5 ms there). Scans: no extra cost.
 """
 
 from __future__ import annotations
@@ -110,21 +112,24 @@ def _page_unit(
     flags = list(doc_flags)
     try:
         page = doc.load_page(index)
-        # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does get_pixmap.
-        dpi = choose_dpi(page.rect.width, page.rect.height, cfg, pixel_budget)
-        area_in2 = page.rect.width * page.rect.height / _POINTS_PER_INCH**2
+        # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does the
+        # display list. (Each page.rect is a call into MuPDF: read it once.)
+        rect = page.rect
+        dpi = choose_dpi(rect.width, rect.height, cfg, pixel_budget)
+        area_in2 = rect.width * rect.height / _POINTS_PER_INCH**2
         if tile_min_dpi is not None and dpi < tile_min_dpi and area_in2 >= tile_min_area:
             # Small print on a poster is lost at the budget's DPI: render legibly and let the caller tile.
             dpi = min(tile_min_dpi, cfg.max_dpi)
             flags.append("render_for_tiling")
-        dpi = _fit_max_pixels(page.rect, dpi, limits.max_pixels, flags)
-        # The switch is not in PdfConfig yet: on by default; a config field of this name turns it off.
-        detect = getattr(cfg, "detect_text_orientation", True)
-        text, rotation = _text_and_rotation(page, cfg.extract_text_layer, detect)
+        dpi = _fit_max_pixels(rect, dpi, limits.max_pixels, flags)
+        # One pass over the content stream (the display list, /Rotate applied) feeds both the text
+        # layer and the render: page.get_textpage would interpret the page a second time.
+        dlist = page.get_displaylist()
+        text, rotation = _text_and_rotation(dlist, cfg.extract_text_layer, cfg.detect_text_orientation)
         target = None
         if fit is not None and "render_for_tiling" not in flags:
-            target = fit(*_natural_size(page.rect, dpi, rotation))
-        frame, pix = _render(page, dpi, rotation, target)
+            target = fit(*natural_size(rect, dpi, rotation))
+        frame, pix = _render(dlist, rect, dpi, rotation, target)
         if rotation:
             flags.append(f"rotated_{rotation}")
     except Exception as err:  # MuPDF raises RuntimeError, ValueError and friends; any of them fails only this page
@@ -148,38 +153,40 @@ def _fit_max_pixels(rect: pymupdf.Rect, dpi: float, max_pixels: int, flags: list
     return max((-b + math.sqrt(b * b - 4 * a * c)) / (2 * a), 1e-3)
 
 
-def _text_and_rotation(page: pymupdf.Page, want_text: bool, detect: bool) -> tuple[str | None, int]:
+def _text_and_rotation(dlist: pymupdf.DisplayList, want_text: bool, detect: bool) -> tuple[str | None, int]:
     """The page's text layer (as page.get_text() gives it) and the clockwise turn, on top of /Rotate,
-    that makes its text read upright; one MuPDF text page serves both."""
+    that makes its text read upright; one MuPDF text page, made from the page's display list, serves both."""
     if not want_text and not detect:
         return None, 0
-    textpage = page.get_textpage(flags=_TEXT_FLAGS)
+    textpage = pymupdf.TextPage(dlist.get_textpage(flags=_TEXT_FLAGS))
     text = textpage.extractText()
-    rotation = _text_rotation(page, textpage, text) if detect else 0
+    rotation = _text_rotation(textpage, text) if detect else 0
     return (text if want_text else None), rotation
 
 
-def _text_rotation(page: pymupdf.Page, textpage: pymupdf.TextPage, text: str) -> int:
+def _text_rotation(textpage: pymupdf.TextPage, text: str) -> int:
     n_chars = len("".join(text.split()))
     if n_chars == 0:
         return 0  # no text layer (a scan): nothing to go by
-    directions = _line_directions(textpage)
+    directions = _block_directions(textpage)
     if directions is not None and len({line_angle(dx, dy) for dx, dy in directions}) == 1:
-        # Every line points the same way: the weights cannot change the vote, so skip counting them.
+        # All text points the same way: the weights cannot change the vote, so skip counting them.
         lines = [(*directions[0], n_chars)]
     else:
         lines = _weighted_lines(textpage)
-    # Directions are on the unrotated page: get_textpage drops /Rotate while it extracts. (A /Rotate
-    # that is no multiple of 90 reads as page.rotation 0 and is not dropped: MuPDF's own snapping of
-    # it to a quarter turn is then already in the directions, and base 0 is right again.)
-    return dominant_rotation(lines, base_rotation=page.rotation)
+    # Directions are in the rendered page's space: the display list already has /Rotate applied
+    # (page.get_textpage, by contrast, drops /Rotate while it extracts), so there is no base turn.
+    return dominant_rotation(lines, base_rotation=0)
 
 
-def _line_directions(textpage: pymupdf.TextPage) -> list[tuple[float, float]] | None:
-    """Each text line's baseline direction, straight from MuPDF's structs (no per-span Python dicts).
+def _block_directions(textpage: pymupdf.TextPage) -> list[tuple[float, float]] | None:
+    """The baseline direction of each text block's first line, straight from MuPDF's structs.
 
-    None if the low-level bindings do not look as expected (another pymupdf): the caller then uses
-    the public, slower extractDICT.
+    MuPDF starts a new block whenever the writing direction changes, so a block's first line
+    speaks for all its lines (tests/unit/test_media_pdf.py checks this on mixed pages); walking
+    every line through the bindings costs ~4 us a line, 0.2-0.4 ms on a Letter page, where one
+    line per block costs a tenth of that. None if the low-level bindings do not look as expected
+    (another pymupdf): the caller then uses the public, slower extractDICT.
     """
     try:
         directions = []
@@ -187,11 +194,11 @@ def _line_directions(textpage: pymupdf.TextPage) -> list[tuple[float, float]] | 
             if block.m_internal.type != mupdf.FZ_STEXT_BLOCK_TEXT:
                 continue
             first = next(iter(block), None)
-            line = first.m_internal if first is not None else None
-            while line is not None:
-                d = line.dir
-                directions.append(vertical_to_baseline(d.x, d.y) if line.wmode else (d.x, d.y))
-                line = line.next
+            if first is None:
+                continue
+            line = first.m_internal
+            d = line.dir
+            directions.append(vertical_to_baseline(d.x, d.y) if line.wmode else (d.x, d.y))
         return directions
     except (AttributeError, TypeError):
         return None
@@ -208,27 +215,36 @@ def _weighted_lines(textpage: pymupdf.TextPage) -> list[tuple[float, float, int]
     return lines
 
 
-def _natural_size(rect: pymupdf.Rect, dpi: float, rotation: int) -> tuple[int, int]:
+def natural_size(rect: pymupdf.Rect, dpi: float, rotation: int = 0) -> tuple[int, int]:
     """(width, height) of the upright render at `dpi` (a quarter turn swaps the sides)."""
     zoom = dpi / _POINTS_PER_INCH
     w, h = rect.width * zoom, rect.height * zoom
     return (round(h), round(w)) if rotation in (90, 270) else (round(w), round(h))
 
 
-def _render(
-    page: pymupdf.Page, dpi: float, rotation: int = 0, target: tuple[int, int] | None = None
-) -> tuple[np.ndarray, pymupdf.Pixmap | None]:
-    """The page as an (H, W, 3) uint8 array, and the pixmap it is a view of (None when it owns its data)."""
+def page_matrix(rect: pymupdf.Rect, dpi: float, rotation: int = 0, target: tuple[int, int] | None = None) -> pymupdf.Matrix:
+    """The render matrix for a page (`rect`: page.rect, /Rotate applied): `dpi`, or exactly `target`
+    pixels when given, turned `rotation` degrees clockwise on top of /Rotate."""
     zoom = dpi / _POINTS_PER_INCH
     matrix = pymupdf.Matrix(zoom, zoom)
     if target is not None:
         # Scale x and y separately so the pixmap comes out at exactly `target` (the scale applies
         # after the rotation below, i.e. in the upright output's axes).
-        up_w, up_h = (page.rect.height, page.rect.width) if rotation in (90, 270) else (page.rect.width, page.rect.height)
+        up_w, up_h = (rect.height, rect.width) if rotation in (90, 270) else (rect.width, rect.height)
         matrix = pymupdf.Matrix(target[0] / up_w, target[1] / up_h)
     if rotation:
         matrix.prerotate(rotation)  # clockwise on the rendered page, on top of /Rotate
-    pix = page.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
+    return matrix
+
+
+def _render(
+    dlist: pymupdf.DisplayList, rect: pymupdf.Rect, dpi: float, rotation: int = 0,
+    target: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, pymupdf.Pixmap | None]:
+    """The page (its display list; `rect`: page.rect) as an (H, W, 3) uint8 array, and the pixmap it
+    is a view of (None when it owns its data). page.get_pixmap renders through the same display list."""
+    matrix = page_matrix(rect, dpi, rotation, target)
+    pix = dlist.get_pixmap(matrix=matrix, colorspace=pymupdf.csRGB, alpha=False)
     rows = np.frombuffer(pix.samples_mv, dtype=np.uint8).reshape(pix.height, pix.stride)
     frame = rows[:, : pix.width * 3].reshape(pix.height, pix.width, 3)
     if target is not None and (pix.width, pix.height) != target:

@@ -245,26 +245,51 @@ def test_turned_even_without_storing_the_text_layer():
     assert _reads_upright(units[0].frames[0])
 
 
+def test_orientation_detection_can_be_switched_off():
+    cfg = PdfConfig(detect_text_orientation=False)
+    (unit,) = expand_pdf(_turned_pdf(text_rotate=180), cfg, LimitsConfig(), BUDGET)
+    assert not _rotation_flags(unit) and not _reads_upright(unit.frames[0])
+    assert "LLLL" in unit.text_layer
+
+
 def test_too_little_text_is_no_evidence():
     (unit,) = _units(_turned_pdf(text_rotate=180, text="L" * 10))  # 10 characters: below MIN_CHARS
     assert not _rotation_flags(unit)
 
 
+def _interleaved_pdf() -> bytes:
+    """One text object whose lines change direction right next to each other (a rotated cell in a
+    table row): the hardest case for the premise that a direction change starts a new block."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_text((72, 72), "x", fontname="helv")  # puts /helv in the page's resources
+    rows = []
+    for i in range(12):
+        y = 100 + 14 * i
+        rows.append(f"1 0 0 1 72 {y} Tm (Row {i} horizontal cell text) Tj 0 1 -1 0 240 {y - 10} Tm (up {i}) Tj "
+                    f"1 0 0 1 252 {y} Tm (then horizontal again) Tj 0 -1 1 0 400 {y - 10} Tm (down {i}) Tj")
+    doc.update_stream(page.get_contents()[0], ("BT /helv 11 Tf " + " ".join(rows) + " ET").encode())
+    return doc.tobytes()
+
+
 @pytest.mark.parametrize("data", [
     _turned_pdf(90), _turned_pdf(180, 90), _mixed_pdf(20, "a rotated label here"), _mixed_pdf(1, "x" * 50, 270),
+    _interleaved_pdf(),
 ])
-def test_fast_line_directions_agree_with_extract_dict(data, monkeypatch):
-    """The low-level line walk (fast path) and the public extractDICT (fallback) see the same lines."""
+def test_fast_block_directions_agree_with_extract_dict(data, monkeypatch):
+    """The low-level walk (fast path: each block's first line) and the public extractDICT (every
+    line: the fallback) agree, and MuPDF never mixes directions inside a block (the fast path's premise)."""
     from pipeline.media import pdf as pdf_mod
+    from pipeline.media.orientation import line_angle
 
     doc = pymupdf.open(stream=data, filetype="pdf")
-    page = doc[0]
-    textpage = page.get_textpage(flags=pymupdf.TEXTFLAGS_TEXT)
-    fast = pdf_mod._line_directions(textpage)
-    exact = pdf_mod._weighted_lines(textpage)
-    assert fast is not None and fast == [(dx, dy) for dx, dy, _ in exact]
+    textpage = pymupdf.TextPage(doc[0].get_displaylist().get_textpage(flags=pymupdf.TEXTFLAGS_TEXT))
+    blocks = [[tuple(ln["dir"]) for ln in b["lines"]] for b in textpage.extractDICT()["blocks"] if b.get("lines")]
+    assert all(len({line_angle(*d) for d in lines}) == 1 for lines in blocks)
+    fast = pdf_mod._block_directions(textpage)
+    assert fast is not None and fast == [lines[0] for lines in blocks]
     flags_fast = _rotation_flags(_units(data)[0])
-    monkeypatch.setattr(pdf_mod, "_line_directions", lambda tp: None)  # as if the bindings had changed
+    monkeypatch.setattr(pdf_mod, "_block_directions", lambda tp: None)  # as if the bindings had changed
     assert _rotation_flags(_units(data)[0]) == flags_fast
 
 

@@ -130,14 +130,16 @@ def test_page_limit_error_units() -> None:
 
 
 def test_one_failing_page_does_not_stop_the_rest(monkeypatch) -> None:
-    original = pymupdf.Page.get_pixmap
+    # Fault injection at the MuPDF boundary: interpreting page 2's content stream (which feeds both
+    # the text layer and the render) fails.
+    original = pymupdf.Page.get_displaylist
 
     def flaky(self, *args, **kwargs):
         if self.number == 1:
             raise RuntimeError("simulated MuPDF failure")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(pymupdf.Page, "get_pixmap", flaky)
+    monkeypatch.setattr(pymupdf.Page, "get_displaylist", flaky)
     units = _units(samples.multipage_pdf_bytes(3))
     assert [u.error_type for u in units] == [None, "page_render_failed", None]
     assert "simulated" in units[1].error_message and not units[1].frames
