@@ -36,6 +36,7 @@ looks at the pixels (glyph size and density) - `plan_image` returns its upper bo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -513,6 +514,7 @@ def plan_video(
     )
 
 
+@functools.lru_cache(maxsize=4096)  # pages of a document share a few sizes; a plan costs ~0.1 ms
 def model_input_size(family: str, width: int, height: int, *, video: bool = False, **settings) -> tuple[int, int] | None:
     """The smallest size to hand the processor so that it plans exactly as for the original image.
 
