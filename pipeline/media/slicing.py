@@ -546,3 +546,33 @@ def model_input_size(family: str, width: int, height: int, *, video: bool = Fals
         if (again.grid, again.overview, again.slices) == (plan.grid, plan.overview, plan.slices):
             return cw, ch
     return None
+
+
+def plan_stacked_video(
+    family: str,
+    width: int,
+    height: int,
+    units: list[int],
+    *,
+    downsample_mode: str | None = None,
+    use_image_id: bool | None = None,
+    video_index: int = 0,
+) -> VideoPlan:
+    """A clip sampled for 4.6's `stack_frames` (pipeline/media/stacking.py): `units` lists its visual
+    units in order, 0 for a main frame of `width` x `height` and k for a composite of k sub-frames
+    (a canvas of `stack_canvas_size`; one sub-frame is its own canvas). Each unit is planned as a frame
+    of its own size; `frame` is the main frames' plan and `num_frames` the number of units."""
+    spec = get_slice_spec(family)
+    frame = plan_video_frame(family, width, height, downsample_mode=downsample_mode)
+    visual = placeholder = 0
+    for k in units:
+        if k <= 1:
+            plan = frame
+        else:
+            plan = plan_video_frame(family, *stack_canvas_size(k, width, height), downsample_mode=downsample_mode)
+        visual += plan.visual_tokens
+        placeholder += plan.placeholder_tokens
+    if use_image_id is None:
+        use_image_id = spec.use_image_id_video
+    id_tokens = image_id_tokens(video_index) if use_image_id and spec.video_ids and units else 0
+    return VideoPlan(frame=frame, num_frames=len(units), visual_tokens=visual, placeholder_tokens=placeholder + id_tokens)
