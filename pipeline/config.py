@@ -153,8 +153,26 @@ class VideoConfig(_Model):
 
     clip_seconds: float = Field(30.0, gt=0, description="Length of one clip (one inference unit), in seconds.")
     fps: float = Field(1.0, gt=0, description="Frames sampled per second of video.")
-    max_frames_per_clip: int = Field(16, ge=1, description="Most frames per clip; sampling is uniform when capped.")
+    max_frames_per_clip: int = Field(
+        16, ge=1, description="Most frames per clip; sampling is uniform when capped. With stack_frames: most main "
+        "frames per clip (4.6's max_num_frames; sub-frames up to stack_frames-1 times as many)."
+    )
     max_side: int = Field(448, ge=28, description="Longest side of a sampled frame, in pixels (resized on CPU).")
+    stack_frames: int = Field(
+        1, ge=1, le=8,
+        description="MiniCPM-V 4.6 / MiniCPM-OCR 1.0 only (transformers engine): sample each clip as 4.6 does with "
+        "its `stack_frames` option, main frames at 1 per second plus stack_frames-1 sub-frames per second, which "
+        "the model sees stacked into one composite image next to each main frame. 1: off.",
+    )
+
+    @model_validator(mode="after")
+    def _stacking(self) -> "VideoConfig":
+        if self.stack_frames > 1 and self.fps != 1:
+            raise ValueError(
+                f"video.stack_frames={self.stack_frames} samples main frames at 1 per second (MiniCPM-V 4.6's "
+                f"layout) but video.fps is {self.fps}: set video.fps: 1, or video.stack_frames: 1"
+            )
+        return self
 
 
 class ModelConfig(_Model):

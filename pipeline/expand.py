@@ -33,6 +33,7 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
         "width": None,
         "height": None,
         "num_frames": 0,
+        "stack_frames": None,
         "tile_index": None,
         "num_tiles": None,
         "text_layer": None,
@@ -199,6 +200,7 @@ class ExpandSource:
             _keepalive=unit.keepalive,
             unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
             text_layer_quality=textlayer.quality(unit.text_layer), start_s=unit.start_s, end_s=unit.end_s,
+            stack_frames=unit.stack_frames,
             flags=list(unit.flags), error_type=unit.error_type, error_message=unit.error_message, preprocess_ms=ms,
         )
         if unit.error_type is not None or not unit.frames:

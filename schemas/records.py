@@ -125,6 +125,7 @@ UNITS_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("num_frames", pa.int32()),
+        pa.field("stack_frames", pa.int32()),  # clips sampled for 4.6's stack_frames: main frames, then sub-frames
         pa.field("text_layer", pa.string()),
         pa.field("text_layer_quality", pa.float32()),
         pa.field("start_s", pa.float64()),

@@ -32,6 +32,7 @@ class MediaUnit:
     start_s: float | None = None  # clips: where the clip starts/ends in the video
     end_s: float | None = None
     frame_times: list[float] = field(default_factory=list)  # clips: timestamp of each sampled frame
+    stack_frames: int | None = None  # clips sampled for 4.6's stack_frames (pipeline/media/stacking.py)
     error_type: str | None = None
     error_message: str | None = None
     flags: list[str] = field(default_factory=list)  # e.g. "pdf_repaired", "exif_rotated", "alpha_flattened"

@@ -24,6 +24,13 @@ Sampling: a clip of length L gets n = min(max_frames_per_clip, ceil(L * fps)) fr
 n equal slices of the clip (uniform, and never the often-black first frame). When all clips together
 would exceed limits.max_frames, every clip's count is scaled down (at least one frame each, flag
 "frames_capped"); clips still beyond the budget become "frame_limit" error units.
+
+Stacked sampling (`video.stack_frames` n > 1, MiniCPM-V 4.6 and MiniCPM-OCR 1.0): each clip samples
+exactly what 4.6's video processor would (pipeline/media/stacking.py): main frames at 1 per second
+and n - 1 sub-frames inside each second. The unit's frames are handed over in the processor's order
+(main frames, then sub-frames; `frame_times` follow) with `stack_frames` = n, and the engine's
+processor draws the per-second composites itself. A clip that ends short of its samples goes out
+unstacked (flag "unstacked").
 """
 
 from __future__ import annotations
@@ -58,6 +65,10 @@ class ClipPlan:
     targets: list[float]
     flags: list[str] = field(default_factory=list)
     error: str | None = None  # "frame_limit": no frame budget left for this clip
+    # Stacked clips (video.stack_frames > 1): `targets` are in time order (the decoder's), `order`
+    # lists them in the processor's order (main frames, then sub-frames; see pipeline/media/stacking.py).
+    stack: int | None = None
+    order: list[int] | None = None
 
 
 def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig) -> Iterator[MediaUnit]:
@@ -100,11 +111,38 @@ def plan_clips(duration: float, cfg: VideoConfig, limits: LimitsConfig) -> list[
     for k in range(n_clips):
         start, end = k * cfg.clip_seconds, min((k + 1) * cfg.clip_seconds, duration)
         plans.append(ClipPlan(k, start, end, targets=[]))
+    if cfg.stack_frames > 1:
+        return _plan_stacked(plans, cfg, limits)
     counts = [min(cfg.max_frames_per_clip, max(1, math.ceil((p.end_s - p.start_s) * cfg.fps - _EPS))) for p in plans]
     counts = _fit_total(counts, limits.max_frames, plans)
     for plan, n in zip(plans, counts):
         step = (plan.end_s - plan.start_s) / n if n else 0.0
         plan.targets = [plan.start_s + (i + 0.5) * step for i in range(n)]
+    return plans
+
+
+def _plan_stacked(plans: list[ClipPlan], cfg: VideoConfig, limits: LimitsConfig) -> list[ClipPlan]:
+    """MiniCPM-V 4.6's stacked sampling in each clip (pipeline/media/stacking.py), at its own times.
+
+    The processor rebuilds the layout from the clip's length, so a clip's frames cannot be thinned
+    to fit limits.max_frames: clips are admitted whole, in order, and the rest become "frame_limit"
+    error units.
+    """
+    from pipeline.media.stacking import stack_layout
+
+    left = limits.max_frames
+    for plan in plans:
+        layout = stack_layout(plan.end_s - plan.start_s, cfg.max_frames_per_clip, cfg.stack_frames)
+        wanted = [plan.start_s + t for t in layout.main + layout.sub]
+        if len(wanted) > left:
+            plan.error = "frame_limit"
+            continue
+        left -= len(wanted)
+        by_time = sorted(range(len(wanted)), key=lambda i: wanted[i])  # stable: ties keep the processor's order
+        plan.targets = [wanted[i] for i in by_time]
+        position = {i: rank for rank, i in enumerate(by_time)}
+        plan.order = [position[i] for i in range(len(wanted))]  # processor slot -> index in time order
+        plan.stack = cfg.stack_frames
     return plans
 
 
@@ -372,6 +410,12 @@ class _Sampler:
             )
         elif len(self.frames) < len(plan.targets):
             unit.flags.append("partial_clip")  # the stream ended or broke before the clip did
+            if plan.order is not None:
+                unit.flags.append("unstacked")  # the processor's layout needs every frame: a plain clip
+        elif plan.order is not None:
+            unit.frames = [self.frames[i] for i in plan.order]
+            unit.frame_times = [self.times[i] for i in plan.order]
+            unit.stack_frames = plan.stack
         self.clip, self.target, self.frames, self.times = self.clip + 1, 0, [], []
         return unit
 

@@ -317,3 +317,55 @@ def test_stack_composite_matches_the_minicpmv46_processor():
             ref = mod.MiniCPMV4_6VideoProcessor.concat_frames_as_image(None, video)[0].permute(1, 2, 0).numpy()
             (ours,) = stack_composite(frames, n)
             assert ours.shape == ref.shape and np.array_equal(ours, ref), (size, n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stacked sampling (video.stack_frames): the frames 4.6's processor samples, in its order
+
+
+def _indexed_cfr_mp4(seconds: float, fps: int = 25) -> bytes:
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "18", "preset": "ultrafast", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(int(seconds * fps)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_index_pattern(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def test_stacked_sampling_takes_the_processors_frames_in_its_order():
+    from pipeline.media.stacking import stack_layout
+
+    data = _indexed_cfr_mp4(7.0)
+    clips = _clips(data, stack_frames=3, clip_seconds=4, max_frames_per_clip=16)
+    assert [(c.start_s, round(c.end_s, 2)) for c in clips] == [(0.0, 4.0), (4.0, 7.0)]
+    for clip in clips:
+        layout = stack_layout(clip.end_s - clip.start_s, 16, 3)
+        wanted = [clip.start_s + t for t in layout.main + layout.sub]
+        assert clip.stack_frames == 3 and clip.error_type is None and "unstacked" not in clip.flags
+        assert len(clip.frames) == layout.num_frames
+        # main frames first, then the sub-frames, each the decoded frame nearest its time (25 fps)
+        assert clip.frame_times == pytest.approx(wanted, abs=0.021)
+        assert [_read_index(f) for f in clip.frames] == [round(t * 25) for t in clip.frame_times]
+    assert clips[0].frame_times[:4] == pytest.approx([0.0, 1.0, 2.0, 3.0], abs=0.021)
+
+
+def test_stacked_clips_are_admitted_whole_within_the_frame_budget():
+    data = _indexed_cfr_mp4(7.0)
+    clips = list(expand_video(data, VideoConfig(stack_frames=2, clip_seconds=4), LimitsConfig(max_frames=10)))
+    # clip 0 needs 4 main + 4 sub frames; clip 1 would need 6 more: it becomes an error unit, not a thinned clip
+    assert clips[0].stack_frames == 2 and len(clips[0].frames) == 8
+    assert clips[1].error_type == "frame_limit" and not clips[1].frames and clips[1].stack_frames is None
+
+
+def test_stack_frames_needs_one_main_frame_per_second():
+    with pytest.raises(ValueError, match="video.fps"):
+        VideoConfig(stack_frames=2, fps=2)
+    assert VideoConfig(stack_frames=1, fps=2).stack_frames == 1
