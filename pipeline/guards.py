@@ -75,12 +75,18 @@ def visual_tokens(
     max_slice_nums: int | None = None,
     downsample_mode: str | None = None,
     use_image_id: bool | None = None,
+    stack_units: list[int] | None = None,
 ) -> int:
-    """Placeholder tokens the processor expands this unit's images (or clip frames) to."""
-    from pipeline.media.slicing import plan_image, plan_video
+    """Placeholder tokens the processor expands this unit's images (or clip frames) to.
+
+    `stack_units`: a clip in 4.6's stack_frames layout, as `StackLayout.units()` lists it.
+    """
+    from pipeline.media.slicing import plan_image, plan_stacked_video, plan_video
 
     if not num_images or not width or not height:
         return 0
+    if unit_kind == "clip" and stack_units is not None:
+        return plan_stacked_video(family, width, height, stack_units, downsample_mode=downsample_mode).placeholder_tokens
     if unit_kind == "clip":
         return plan_video(family, width, height, num_images, downsample_mode=downsample_mode).placeholder_tokens
     return sum(
@@ -105,6 +111,7 @@ def check_unit(
     downsample_mode: str | None = None,
     use_image_id: bool | None = None,
     reslice: bool = True,
+    stack_units: list[int] | None = None,
 ) -> Verdict:
     """Decide whether a unit fits `limit` tokens, re-slicing it when allowed.
 
@@ -114,7 +121,7 @@ def check_unit(
 
     def est(slices: int | None) -> Estimate:
         vis = visual_tokens(family, unit_kind, width, height, num_images, max_slice_nums=slices,
-                            downsample_mode=downsample_mode, use_image_id=use_image_id)
+                            downsample_mode=downsample_mode, use_image_id=use_image_id, stack_units=stack_units)
         return Estimate(text_tokens, vis, max_new_tokens, slices if num_images and unit_kind != "clip" else None)
 
     first = est(max_slice_nums)

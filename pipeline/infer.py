@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import JobConfig
-from pipeline.engines.base import Engine, Reply, Request
+from pipeline.engines.base import Engine, Reply, Request, VideoStack
 from pipeline.guards import PROMPT_TOO_LONG
 from pipeline.tasks import ResolvedTask
 
@@ -91,11 +91,20 @@ class InferStage:
                 text_tokens, task.max_new_tokens, self.context_limit,
                 max_slice_nums=None if is_clip else m.max_slice_nums,
                 downsample_mode=m.downsample_mode, use_image_id=None if is_clip else m.use_image_id,
-                reslice=reslice,
+                reslice=reslice, stack_units=self._stack_units(unit),
             )
         except ValueError as err:  # a family or setting slicing.py does not model: let the engine decide
             log.debug("no prompt estimate for %s: %s", unit["source_uri"], err)
             return None
+
+    def _stack_units(self, unit: dict[str, Any]) -> list[int] | None:
+        """The visual units of a clip sampled for 4.6's stack_frames (None for anything else)."""
+        if unit["unit_kind"] != "clip" or (unit.get("stack_frames") or 1) <= 1:
+            return None
+        from pipeline.media.stacking import stack_layout
+
+        return stack_layout(unit["end_s"] - unit["start_s"], self.job.video.max_frames_per_clip,
+                            unit["stack_frames"]).units()
 
     def _split(self, batch: "pa.Table", now: datetime) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], ResolvedTask, Request]]]:
         """Rows that need no engine (error units, usable text layers, prompts too long) and the requests that do."""
@@ -149,9 +158,13 @@ class InferStage:
         }
         # A tile shows part of a page: the whole page's text layer would mislead it, so no hint.
         hint = unit["text_layer"] if unit["tile_index"] is None else None
+        stack = None
+        if unit["unit_kind"] == "clip" and (unit.get("stack_frames") or 1) > 1:
+            stack = VideoStack(n=unit["stack_frames"], duration_s=unit["end_s"] - unit["start_s"],
+                               max_num_frames=self.job.video.max_frames_per_clip)
         return Request(
             prompt=task.prompt_for(hint), images=frames, is_video=unit["unit_kind"] == "clip",
-            max_new_tokens=task.max_new_tokens, temperature=task.temperature, processor_kwargs=opts,
+            max_new_tokens=task.max_new_tokens, temperature=task.temperature, processor_kwargs=opts, stack=stack,
         )
 
     def _generate(self, requests: list[Request]) -> list[Reply]:

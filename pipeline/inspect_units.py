@@ -95,6 +95,7 @@ def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, 
         "width": unit["width"],
         "height": unit["height"],
         "frames": unit["num_frames"],
+        "stack_frames": unit.get("stack_frames"),
         "tiles": unit.get("num_tiles") or 1,
         "tile_index": unit.get("tile_index"),
         "text_layer_quality": unit.get("text_layer_quality"),
@@ -126,7 +127,20 @@ def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
     w, h = unit["width"], unit["height"]
     spec = slicing.get_slice_spec(family)
     mode = m.downsample_mode if spec.native else None
-    if unit["unit_kind"] == "clip":
+    if unit["unit_kind"] == "clip" and (unit.get("stack_frames") or 1) > 1:
+        # 4.6's stack_frames layout: main frames and per-second composites, each planned at its size.
+        from pipeline.media.stacking import STACK_FAMILIES, stack_layout
+
+        if family not in STACK_FAMILIES:
+            raise ValueError(f"video.stack_frames: {spec.display} has no stacked-frame video input")
+        units = stack_layout(unit["end_s"] - unit["start_s"], job.video.max_frames_per_clip,
+                             unit["stack_frames"]).units()
+        clip = slicing.plan_stacked_video(family, w, h, units, downsample_mode=mode)
+        frame = clip.frame
+        visual, placeholder = clip.visual_tokens, clip.placeholder_tokens
+        extra = {"visual_tokens_per_frame": frame.visual_tokens, "visual_units": len(units),
+                 "composites": sum(1 for k in units if k)}
+    elif unit["unit_kind"] == "clip":
         # The engine's video defaults: 1 slice per frame and no image ids; the job's downsample mode.
         clip = slicing.plan_video(family, w, h, unit["num_frames"], downsample_mode=mode)
         frame = clip.frame

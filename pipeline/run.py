@@ -69,7 +69,7 @@ def _versions() -> dict[str, str]:
 def run_job(job: JobConfig) -> RunSummary:
     """Run `job` end to end and return its summary. Raises ConfigError/ModelUnavailable before any work."""
     from pipeline import resources, sink
-    from pipeline.engines.factory import resolve_kind
+    from pipeline.engines.factory import check_job, resolve_kind
     from pipeline.graph import build_plan
     from pipeline.infer import RunContext
     from pipeline.model_source import TINY
@@ -83,6 +83,8 @@ def run_job(job: JobConfig) -> RunSummary:
     spec = get_family(family)
     # An explicit engine is checked now, before any listing; `auto` needs the cluster's GPUs (below).
     engine = None if job.engine.kind == "auto" else resolve_kind(job.engine.kind, family)
+    if engine is not None:
+        check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id) for name, t in tasks.items()}
@@ -106,6 +108,7 @@ def run_job(job: JobConfig) -> RunSummary:
         resources.init_ray(job)
         cluster = resources.cluster_resources()
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
+    check_job(job, family, engine)
     ctx = RunContext(run_id, model_id, family, engine, tasks, fps)
     if todo:
         plan = resources.plan_stages(job, len(todo), cluster, engine)

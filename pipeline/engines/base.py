@@ -14,6 +14,16 @@ from typing import Any
 import numpy as np
 
 
+@dataclass(frozen=True)
+class VideoStack:
+    """A clip sampled for MiniCPM-V 4.6's `stack_frames` (pipeline/media/stacking.py): its frames are the
+    main frames then the sub-frames, as 4.6's video processor samples a clip of `duration_s` seconds."""
+
+    n: int  # stack_frames
+    duration_s: float
+    max_num_frames: int  # the processor's max_num_frames (the job's video.max_frames_per_clip)
+
+
 @dataclass
 class Request:
     """One unit and task to run: a prompt plus the images (RGB uint8 HxWx3 arrays) it refers to."""
@@ -25,6 +35,7 @@ class Request:
     temperature: float = 0.0
     # Per-request processor options (max_slice_nums, use_image_id, downsample_mode); None = family default.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    stack: VideoStack | None = None  # a clip in 4.6's stack_frames layout (engines that can take it)
 
 
 @dataclass
@@ -66,7 +77,29 @@ class Engine(abc.ABC):
         """Release the model (called on actor teardown)."""
 
 
-def check_visuals(request: Request) -> None:
+def check_stack(request: Request, supported: bool) -> None:
+    """A stacked clip must carry exactly the frames its layout names (else the processor would pair
+    main frames and composites wrongly, silently); an engine that cannot stack refuses it."""
+    stack = request.stack
+    if stack is None:
+        return
+    if not supported:
+        raise ValueError(
+            "this engine cannot take MiniCPM-V 4.6 stack_frames clips (vLLM 0.32 sizes every frame of a video "
+            "like its first, and composites differ in size): run it with engine.kind transformers, or set "
+            "video.stack_frames: 1"
+        )
+    from pipeline.media.stacking import stack_layout
+
+    if not request.is_video:
+        raise ValueError("stack_frames applies to video clips only")
+    expected = stack_layout(stack.duration_s, stack.max_num_frames, stack.n).num_frames
+    if len(request.images) != expected:
+        raise ValueError(f"a stack_frames={stack.n} clip of {stack.duration_s:g} s needs {expected} frames "
+                         f"(main frames then sub-frames), got {len(request.images)}")
+
+
+def check_visuals(request: Request, stack_ok: bool = False) -> None:
     """Cheap checks that catch bad arrays before they reach (and fail) a whole engine batch."""
     for k, image in enumerate(request.images):
         if not isinstance(image, np.ndarray):
@@ -79,6 +112,7 @@ def check_visuals(request: Request) -> None:
             raise ValueError(f"image {k}: empty image of shape {image.shape}")
     if request.is_video and len({im.shape for im in request.images}) > 1:
         raise ValueError(f"video frames must share one size, got {sorted({im.shape for im in request.images})}")
+    check_stack(request, stack_ok)
 
 
 def error_reply(exc: BaseException) -> Reply:

@@ -80,6 +80,25 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0) -> str:
     return kind
 
 
+def check_job(job: JobConfig, family: str, kind: str) -> None:
+    """Job settings that only some generations or engines serve, checked once the engine is known."""
+    from pipeline.media.stacking import STACK_FAMILIES
+    from pipeline.models import get_family
+
+    if job.video.stack_frames > 1:
+        if family not in STACK_FAMILIES:
+            raise ConfigError(
+                f"video.stack_frames={job.video.stack_frames}: {get_family(family).display} has no stacked-frame "
+                f"video input (MiniCPM-V 4.6 and MiniCPM-OCR 1.0 have); set video.stack_frames: 1"
+            )
+        if kind != "transformers":
+            raise ConfigError(
+                f"video.stack_frames={job.video.stack_frames} needs engine.kind transformers: vLLM 0.32 sizes every "
+                f"frame of a video like its first, and the per-second composites differ in size from the main "
+                f"frames (engine.kind is {kind}); set engine.kind: transformers or video.stack_frames: 1"
+            )
+
+
 def make_engine(job: JobConfig, model_dir: Path | None, family: str, kind: str) -> Engine:
     """Build the (already resolved) engine `kind` over a local checkpoint directory."""
     return ENGINES[kind](job, model_dir, family)

@@ -64,7 +64,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from pipeline.engines.base import Engine, Reply, Request
+from pipeline.engines.base import Engine, Reply, Request, check_stack
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,7 @@ def _takes_request_options(family: str | None) -> bool:
 
 def _check_request(request: Request) -> None:
     """Cheap checks that catch bad input before it costs an HTTP round trip."""
+    check_stack(request, supported=False)  # frames travel as separate images: no 4.6 video layout
     if request.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     if request.temperature < 0:

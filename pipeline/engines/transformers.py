@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
+from pipeline.media.stacking import STACK_FAMILIES
 from pipeline.models import detect_family, get_family
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class _Options:
     use_image_id: bool
     downsample_mode: str
     temperature: float
+    # 4.6 stack_frames clips: n and the processor's max_num_frames (each clip's duration goes per video).
+    stack_frames: int = 1
+    max_num_frames: int = 0
 
 
 class TransformersEngine(Engine):
@@ -150,7 +154,7 @@ class TransformersEngine(Engine):
         for i, request in enumerate(requests):
             try:
                 options = self._options(request)
-                check_visuals(request)
+                check_visuals(request, stack_ok=self.family in STACK_FAMILIES)
                 self._check_prompt(request.prompt)
             except Exception as exc:  # noqa: BLE001 - any bad input becomes that request's error
                 replies[i] = error_reply(exc)
@@ -210,6 +214,7 @@ class TransformersEngine(Engine):
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         if request.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {request.temperature}")
+        stack = request.stack
         return _Options(
             is_video=request.is_video,
             has_visuals=bool(request.images),
@@ -217,6 +222,8 @@ class TransformersEngine(Engine):
             use_image_id=bool(resolved["use_image_id"]),
             downsample_mode=str(resolved["downsample_mode"]),
             temperature=float(request.temperature),
+            stack_frames=stack.n if stack is not None else 1,
+            max_num_frames=stack.max_num_frames if stack is not None else 0,
         )
 
     def _check_prompt(self, prompt: str) -> None:
@@ -259,6 +266,18 @@ class TransformersEngine(Engine):
             # The frames were already sampled by the pipeline: never resample them here.
             kwargs["videos"] = [np.stack(r.images) for r in requests]
             kwargs["do_sample_frames"] = False
+            if options.stack_frames > 1:
+                # The processor rebuilds 4.6's main-frame/composite layout from each clip's duration;
+                # the frames already are the ones it samples (pipeline/media/stacking.py, checked above).
+                from transformers.video_utils import VideoMetadata
+
+                kwargs["stack_frames"] = options.stack_frames
+                kwargs["max_num_frames"] = options.max_num_frames
+                kwargs["video_metadata"] = [
+                    VideoMetadata(total_num_frames=len(r.images), fps=len(r.images) / r.stack.duration_s,
+                                  duration=r.stack.duration_s)
+                    for r in requests if r.stack is not None
+                ]
         elif options.has_visuals:
             kwargs["images"] = [list(r.images) for r in requests]
         return self.processor(**kwargs)

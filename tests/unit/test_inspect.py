@@ -142,3 +142,17 @@ def test_summary_and_errors(capsys, corpus):
     assert rc == 2 and "unknown model family" in err
     rc, _, err = run_inspect(capsys, str(corpus), "--set", "model.max_slice_nums=0")
     assert rc == 2 and "max_slice_nums" in err
+
+
+def test_stacked_clips(capsys, corpus):
+    from pipeline.media.slicing import plan_stacked_video
+    from pipeline.media.stacking import stack_layout
+
+    rc, records, _ = run_inspect(capsys, str(corpus / "clip.mp4"), "--set", "video.stack_frames=3")
+    assert rc == 0
+    (clip,) = records
+    layout = stack_layout(clip["end_s"] - clip["start_s"], 16, 3)
+    assert clip["stack_frames"] == 3 and clip["frames"] == layout.num_frames
+    assert clip["visual_units"] == len(layout.units()) and clip["composites"] == sum(1 for k in layout.units() if k)
+    plan = plan_stacked_video("minicpmv4_6", clip["width"], clip["height"], layout.units())
+    assert clip["visual_tokens"] == plan.visual_tokens and clip["placeholder_tokens"] == plan.placeholder_tokens

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the Hub
 
-from pipeline.engines.base import Reply, Request  # noqa: E402
+from pipeline.engines.base import Reply, Request, VideoStack  # noqa: E402
 from pipeline.engines.vllm import VLLMEngine, generation  # noqa: E402
 from pipeline.models import detect_family  # noqa: E402
 
@@ -128,6 +128,19 @@ def test_video_frames(engine: VLLMEngine) -> None:
     _ok(two)
     _ok(four)
     assert four.prompt_tokens > two.prompt_tokens
+
+
+def test_stacked_clips_are_refused_alone(engine: VLLMEngine) -> None:
+    """vLLM 0.32 sizes every frame of a video like its first: a 4.6 stack_frames clip (main frames plus
+    larger composites) would get the wrong placeholders, so the request fails alone with the fix named."""
+    frames = [_image(48, 64, 20 + k) for k in range(6)]  # a 3 s clip at stack_frames 2: 3 main + 3 sub
+    stacked, plain = engine.generate([
+        Request("What happens?", frames, is_video=True, max_new_tokens=MAX_NEW,
+                stack=VideoStack(n=2, duration_s=3.0, max_num_frames=16)),
+        Request("What happens?", frames[:3], is_video=True, max_new_tokens=MAX_NEW),
+    ])
+    assert stacked.error_type == "ValueError" and "engine.kind transformers" in stacked.error_message
+    _ok(plain)
 
 
 def test_model_info(engine: VLLMEngine) -> None:
