@@ -111,6 +111,7 @@ def _stage_rate(path: Path, repeats: int, overrides: list[str] | None = None, co
                 if bad:
                     raise SystemExit(f"{path.name}: {bad[0]['error_type']}: {bad[0]['error_message']}")
                 first = first or (rows[0]["width"], rows[0]["height"])
+                del table  # as a streaming consumer does: the stage's next page may then reuse its buffer
             return n_units, n_frames, first
         (units, frames, size), _, cpu = timed(run)
         cpu_runs.append(cpu)

@@ -67,25 +67,32 @@ def _pixels_column(rows: list[dict[str, Any]]) -> "pa.ChunkedArray":
     once, into the object store, as it would any buffer. Multi-frame rows (video clips, small
     frames) are joined into one buffer: a binary array has one data buffer.
     """
-    import numpy as np
+    from array import array
+
     import pyarrow as pa
 
+    # Few calls per row: this runs once per page, right after a render that has flushed the CPU
+    # caches, where every pyarrow call costs several times its warm price.
+    binary, pixels_type = pa.binary(), pa.list_(pa.binary())
     chunks = []
     for row in rows:
         frames = row["pixels"]
+        offsets = array("i", [0])  # pa.binary's int32 offsets (a C int: 32 bits on every platform we run)
+        total = 0
+        for frame in frames:
+            total += memoryview(frame).nbytes
+            if total >= 2**31:  # limits.max_pixels keeps real units far below
+                raise ValueError(f"a unit's frames take over the 2 GiB a row can carry ({total}+ bytes)")
+            offsets.append(total)
         if len(frames) == 1:
             view = pa.py_buffer(frames[0])  # no copy: holds the memoryview, which holds the array
             data = pa.foreign_buffer(view.address, view.size, base=(view, row.get("_keepalive")))
         else:
             data = pa.py_buffer(b"".join(frames))
-        offsets = np.zeros(len(frames) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([memoryview(f).nbytes for f in frames])
-        if offsets[-1] >= 2**31:  # pa.binary's int32 offsets; limits.max_pixels keeps real units far below
-            raise ValueError(f"a unit's frames take {offsets[-1]} bytes, over the 2 GiB a row can carry")
-        offsets = offsets.astype(np.int32)
-        values = pa.Array.from_buffers(pa.binary(), len(frames), [None, pa.py_buffer(offsets), data])
-        chunks.append(pa.ListArray.from_arrays(pa.array([0, len(frames)], pa.int32()), values))
-    return pa.chunked_array(chunks, type=pa.list_(pa.binary()))
+        values = pa.Array.from_buffers(binary, len(frames), [None, pa.py_buffer(offsets), data])
+        chunks.append(pa.Array.from_buffers(pixels_type, 1, [None, pa.py_buffer(array("i", [0, len(frames)]))],
+                                            children=[values]))
+    return pa.chunked_array(chunks, type=pixels_type)
 
 
 # Units per output table: small blocks keep a 500-page PDF from becoming one huge block in memory.
