@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pipeline.config import ModelConfig, TaskConfig
+from pipeline.config import ModelConfig, TaskConfig, VideoConfig
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,13 @@ def resolve_task(cfg: TaskConfig) -> ResolvedTask:
                         cfg.text_layer, cfg.hint_max_chars)
 
 
-def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str) -> str:
-    """The resume key of a task's results: same fingerprint, same question asked of the same model."""
-    payload = {
+def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, video: VideoConfig | None = None) -> str:
+    """The resume key of a task's results: same fingerprint, same question asked of the same model.
+
+    For a task on video clips the question includes which frames it sees: `video`'s sampling
+    settings (clip length, fps, frame cap, frame size, stack_frames) are part of the key.
+    """
+    payload: dict[str, object] = {
         "task": task.name,
         "prompt_version": task.prompt_version,
         "model": model_id,
@@ -115,4 +119,6 @@ def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str) -> str:
         "temperature": task.temperature,
         "text_layer": task.text_layer,
     }
+    if video is not None and "clip" in task.unit_kinds:
+        payload["video"] = video.model_dump()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
