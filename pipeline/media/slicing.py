@@ -282,24 +282,9 @@ def image_id_tokens(index: int) -> int:
 
 def stack_canvas_size(num_frames: int, width: int, height: int, line_width: int = 6) -> tuple[int, int]:
     """(width, height) of 4.6's `concat_frames_as_image` canvas of `num_frames` stacked sub-frames."""
-    def ratio(rows: int, cols: int) -> float:
-        return (cols * width + (cols - 1) * line_width) / max(1, rows * height + (rows - 1) * line_width)
+    from pipeline.media.stacking import stack_grid
 
-    if num_frames == 4:
-        rows, cols = 2, 2
-    elif num_frames == 3:
-        candidates = [(1, 3), (3, 1)]
-        errors = [abs(ratio(r, c) - 1.0) for r, c in candidates]
-        rows, cols = candidates[errors.index(min(errors))]
-    elif num_frames == 2:
-        candidates = [(1, 2), (2, 1)]
-        errors = [abs(ratio(r, c) - 1.0) for r, c in candidates]
-        if errors[0] == errors[1]:
-            rows, cols = (1, 2) if width / height >= 1.0 else (2, 1)
-        else:
-            rows, cols = candidates[errors.index(min(errors))]
-    else:
-        rows, cols = 1, num_frames
+    rows, cols = stack_grid(num_frames, width, height, line_width)
     return cols * width + (cols - 1) * line_width, rows * height + (rows - 1) * line_width
 
 

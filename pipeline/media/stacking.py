@@ -25,6 +25,31 @@ from dataclasses import dataclass
 import numpy as np
 
 STACK_FAMILIES = ("minicpmv4_6", "minicpm_ocr")  # generations whose video processor stacks sub-frames
+STACK_LINE_WIDTH = 6  # black gap between sub-frames on 4.6's canvas
+
+
+def stack_grid(num_frames: int, width: int, height: int, line_width: int = STACK_LINE_WIDTH) -> tuple[int, int]:
+    """(rows, cols) of 4.6's `concat_frames_as_image` canvas for `num_frames` sub-frames of width x height:
+    4 make a 2x2 grid; 3 a row or a column, whichever canvas is nearer square; 2 likewise, a tie going
+    to a row for landscape frames and a column for portrait ones; any other count a single row."""
+    def ratio_error(rows: int, cols: int) -> float:
+        canvas_w = cols * width + (cols - 1) * line_width
+        canvas_h = rows * height + (rows - 1) * line_width
+        return abs(canvas_w / max(1, canvas_h) - 1.0)
+
+    if num_frames == 4:
+        return 2, 2
+    if num_frames == 3:
+        candidates = [(1, 3), (3, 1)]
+        errors = [ratio_error(r, c) for r, c in candidates]
+        return candidates[errors.index(min(errors))]  # np.argmin: the first of equal errors
+    if num_frames == 2:
+        candidates = [(1, 2), (2, 1)]
+        errors = [ratio_error(r, c) for r, c in candidates]
+        if errors[0] == errors[1]:
+            return (1, 2) if width / height >= 1.0 else (2, 1)
+        return candidates[errors.index(min(errors))]
+    return 1, num_frames
 
 
 @dataclass(frozen=True)

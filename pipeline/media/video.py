@@ -46,6 +46,7 @@ import numpy as np
 
 from pipeline.config import LimitsConfig, VideoConfig
 from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.stacking import STACK_LINE_WIDTH, stack_grid, stack_layout
 
 _EPS = 1e-6
 # Seek only when it skips more than this many frames. Measured on one core (640x480 H.264, 2.5 Mbit/s,
@@ -128,8 +129,6 @@ def _plan_stacked(plans: list[ClipPlan], cfg: VideoConfig, limits: LimitsConfig)
     to fit limits.max_frames: clips are admitted whole, in order, and the rest become "frame_limit"
     error units.
     """
-    from pipeline.media.stacking import stack_layout
-
     left = limits.max_frames
     for plan in plans:
         layout = stack_layout(plan.end_s - plan.start_s, cfg.max_frames_per_clip, cfg.stack_frames)
@@ -434,9 +433,6 @@ class _Sampler:
 # --------------------------------------------------------------------------------------------------
 # MiniCPM-V 4.6 `stack_frames` composites
 
-STACK_LINE_WIDTH = 6  # black gap between sub-frames on 4.6's canvas
-
-
 def stack_composite(frames: list[np.ndarray], n: int, *, keep_main: bool = False) -> list[np.ndarray]:
     """Group consecutive frames `n` at a time, each group into one composite image, as MiniCPM-V 4.6 does.
 
@@ -467,28 +463,6 @@ def stack_composite(frames: list[np.ndarray], n: int, *, keep_main: bool = False
                 continue
         out.append(group[0] if len(group) == 1 else _concat_frames(group))  # 1 frame: the 1x1 canvas is itself
     return out
-
-
-def stack_grid(num_frames: int, width: int, height: int, line_width: int = STACK_LINE_WIDTH) -> tuple[int, int]:
-    """(rows, cols) of 4.6's canvas for `num_frames` sub-frames of width x height (see stack_composite)."""
-    def ratio_error(rows: int, cols: int) -> float:
-        canvas_w = cols * width + (cols - 1) * line_width
-        canvas_h = rows * height + (rows - 1) * line_width
-        return abs(canvas_w / max(1, canvas_h) - 1.0)
-
-    if num_frames == 4:
-        return 2, 2
-    if num_frames == 3:
-        candidates = [(1, 3), (3, 1)]
-        errors = [ratio_error(r, c) for r, c in candidates]
-        return candidates[errors.index(min(errors))]  # np.argmin: the first of equal errors
-    if num_frames == 2:
-        candidates = [(1, 2), (2, 1)]
-        errors = [ratio_error(r, c) for r, c in candidates]
-        if errors[0] == errors[1]:
-            return (1, 2) if width / height >= 1.0 else (2, 1)
-        return candidates[errors.index(min(errors))]
-    return 1, num_frames
 
 
 def _concat_frames(group: list[np.ndarray]) -> np.ndarray:
