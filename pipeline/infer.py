@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import JobConfig
 from pipeline.engines.base import Engine, Reply, Request, VideoStack
 from pipeline.guards import PROMPT_TOO_LONG
+from pipeline.media.stacking import unit_layout
 from pipeline.tasks import ResolvedTask
 
 if TYPE_CHECKING:
@@ -99,12 +100,8 @@ class InferStage:
 
     def _stack_units(self, unit: dict[str, Any]) -> list[int] | None:
         """The visual units of a clip sampled for 4.6's stack_frames (None for anything else)."""
-        if unit["unit_kind"] != "clip" or (unit.get("stack_frames") or 1) <= 1:
-            return None
-        from pipeline.media.stacking import stack_layout
-
-        return stack_layout(unit["end_s"] - unit["start_s"], self.job.video.max_frames_per_clip,
-                            unit["stack_frames"]).units()
+        layout = unit_layout(unit, self.job.video.max_frames_per_clip)
+        return layout.units() if layout is not None else None
 
     def _split(self, batch: "pa.Table", now: datetime) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], ResolvedTask, Request]]]:
         """Rows that need no engine (error units, usable text layers, prompts too long) and the requests that do."""
@@ -159,7 +156,7 @@ class InferStage:
         # A tile shows part of a page: the whole page's text layer would mislead it, so no hint.
         hint = unit["text_layer"] if unit["tile_index"] is None else None
         stack = None
-        if unit["unit_kind"] == "clip" and (unit.get("stack_frames") or 1) > 1:
+        if unit_layout(unit, self.job.video.max_frames_per_clip) is not None:
             stack = VideoStack(n=unit["stack_frames"], duration_s=unit["end_s"] - unit["start_s"],
                                max_num_frames=self.job.video.max_frames_per_clip)
         return Request(

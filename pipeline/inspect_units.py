@@ -127,14 +127,14 @@ def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
     w, h = unit["width"], unit["height"]
     spec = slicing.get_slice_spec(family)
     mode = m.downsample_mode if spec.native else None
-    if unit["unit_kind"] == "clip" and (unit.get("stack_frames") or 1) > 1:
-        # 4.6's stack_frames layout: main frames and per-second composites, each planned at its size.
-        from pipeline.media.stacking import STACK_FAMILIES, stack_layout
+    from pipeline.media.stacking import STACK_FAMILIES, unit_layout
 
+    layout = unit_layout(unit, job.video.max_frames_per_clip)
+    if layout is not None:
+        # 4.6's stack_frames layout: main frames and per-second composites, each planned at its size.
         if family not in STACK_FAMILIES:
             raise ValueError(f"video.stack_frames: {spec.display} has no stacked-frame video input")
-        units = stack_layout(unit["end_s"] - unit["start_s"], job.video.max_frames_per_clip,
-                             unit["stack_frames"]).units()
+        units = layout.units()
         clip = slicing.plan_stacked_video(family, w, h, units, downsample_mode=mode)
         frame = clip.frame
         visual, placeholder = clip.visual_tokens, clip.placeholder_tokens

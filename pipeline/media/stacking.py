@@ -20,7 +20,9 @@ starts sampling at t = 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +75,15 @@ class StackLayout:
             if i < len(self.groups) and self.groups[i] > 0:
                 out.append(self.groups[i])
         return out
+
+
+def unit_layout(unit: Mapping[str, Any], max_num_frames: int) -> StackLayout | None:
+    """The layout of a unit row (UNITS_SCHEMA) sampled for stack_frames; None for any other unit.
+    `max_num_frames` is the job's video.max_frames_per_clip, which the sampling used."""
+    n = unit.get("stack_frames") or 1
+    if unit.get("unit_kind") != "clip" or n <= 1:
+        return None
+    return stack_layout(unit["end_s"] - unit["start_s"], max_num_frames, n)
 
 
 def stack_layout(duration: float, max_num_frames: int, n: int) -> StackLayout:
