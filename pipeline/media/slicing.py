@@ -469,6 +469,14 @@ def plan_video_frame(
     return _plan_uhd(spec, width, height, slices, scale, slice_mode, 0)
 
 
+def _video_id_tokens(spec: SliceSpec, use_image_id: bool | None, video_index: int, num_units: int) -> int:
+    """Tokens of the id tag in front of a whole video: 4.6/OCR tag it once; 4.7 and the vLLM
+    generations never tag videos (None: the family's default)."""
+    if use_image_id is None:
+        use_image_id = spec.use_image_id_video
+    return image_id_tokens(video_index) if use_image_id and spec.video_ids and num_units else 0
+
+
 def plan_video(
     family: str,
     width: int,
@@ -487,10 +495,7 @@ def plan_video(
         raise ValueError(f"num_frames must be >= 0, got {num_frames}")
     frame = plan_video_frame(family, width, height, max_slice_nums=max_slice_nums,
                              scale_resolution=scale_resolution, downsample_mode=downsample_mode)
-    if use_image_id is None:
-        use_image_id = spec.use_image_id_video
-    # 4.6/OCR prefix the whole video once; 4.7 and the vLLM generations never tag videos.
-    id_tokens = image_id_tokens(video_index) if use_image_id and spec.video_ids and num_frames else 0
+    id_tokens = _video_id_tokens(spec, use_image_id, video_index, num_frames)
     return VideoPlan(
         frame=frame,
         num_frames=num_frames,
@@ -557,7 +562,5 @@ def plan_stacked_video(
             plan = plan_video_frame(family, *stack_canvas_size(k, width, height), downsample_mode=downsample_mode)
         visual += plan.visual_tokens
         placeholder += plan.placeholder_tokens
-    if use_image_id is None:
-        use_image_id = spec.use_image_id_video
-    id_tokens = image_id_tokens(video_index) if use_image_id and spec.video_ids and units else 0
+    id_tokens = _video_id_tokens(spec, use_image_id, video_index, len(units))
     return VideoPlan(frame=frame, num_frames=len(units), visual_tokens=visual, placeholder_tokens=placeholder + id_tokens)
