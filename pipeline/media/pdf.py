@@ -23,7 +23,7 @@ Cost (one core, Letter pages of 1-2k characters, rendered at a 36-slice budget i
 content stream is interpreted once, into a display list that feeds both the render and one MuPDF
 text page (~0.1-0.2 ms, where page.get_textpage would interpret the page again for ~0.4 ms). That
 text page serves the text layer (extractText, ~0.05 ms) and the directions, read one line per block
-through the low-level bindings (~0.05 ms). extractDICT for every page would add 0.15-1.1 ms, so
+straight from MuPDF's structs (`stext.py`, ~0.01 ms; through the bindings it cost ~0.1 ms). extractDICT for every page would add 0.15-1.1 ms, so
 per-line character counts (which need it) are fetched only on pages whose text does not all point
 the same way (+~0.5 ms there). Scans: no extra cost.
 """
@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pymupdf
-from pymupdf import mupdf
 
 from pipeline.config import LimitsConfig, PdfConfig
+from pipeline.media import stext
 from pipeline.media.base import MediaError, MediaUnit
 from pipeline.media.orientation import dominant_rotation, line_angle, vertical_to_baseline
 
@@ -180,28 +180,20 @@ def _text_rotation(textpage: pymupdf.TextPage, text: str) -> int:
 
 
 def _block_directions(textpage: pymupdf.TextPage) -> list[tuple[float, float]] | None:
-    """The baseline direction of each text block's first line, straight from MuPDF's structs.
+    """The baseline direction of each text block's first line.
 
     MuPDF starts a new block whenever the writing direction changes, so a block's first line
-    speaks for all its lines (tests/unit/test_media_pdf.py checks this on mixed pages); walking
-    every line through the bindings costs ~4 us a line, 0.2-0.4 ms on a Letter page, where one
-    line per block costs a tenth of that. None if the low-level bindings do not look as expected
-    (another pymupdf): the caller then uses the public, slower extractDICT.
+    speaks for all its lines (tests/unit/test_media_pdf.py checks this on mixed pages). Read from
+    MuPDF's structs (`stext.block_directions`, ~1 us a block), or through the bindings where that
+    mirror does not apply (~7 us a block). None if neither works (another pymupdf): the caller then
+    uses the public, slower extractDICT.
     """
-    try:
-        directions = []
-        for block in textpage.this:
-            if block.m_internal.type != mupdf.FZ_STEXT_BLOCK_TEXT:
-                continue
-            first = next(iter(block), None)
-            if first is None:
-                continue
-            line = first.m_internal
-            d = line.dir
-            directions.append(vertical_to_baseline(d.x, d.y) if line.wmode else (d.x, d.y))
-        return directions
-    except (AttributeError, TypeError):
+    raw = stext.block_directions(textpage)
+    if raw is None:
+        raw = stext.bound_directions(textpage)
+    if raw is None:
         return None
+    return [vertical_to_baseline(dx, dy) if wmode else (dx, dy) for dx, dy, wmode in raw]
 
 
 def _weighted_lines(textpage: pymupdf.TextPage) -> list[tuple[float, float, int]]:

@@ -304,3 +304,81 @@ def test_odd_rotate_values_follow_mupdf_snapping(raw_rotate, snapped):
     (unit,) = _units(doc.tobytes())
     assert _reads_upright(unit.frames[0])
     assert _rotation_flags(unit) == ([f"rotated_{(-snapped) % 360}"] if snapped else [])
+
+
+def _vertical_cjk_pdf() -> bytes:
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_font(fontname="japan", wmode=1)
+    for i in range(3):
+        page.insert_text((400 - 30 * i, 100), "日本語の縦書きテキストです", fontname="japan", fontsize=20)
+    page.insert_text((72, 700), "and a horizontal footer line", fontsize=11)
+    return doc.tobytes()
+
+
+def _image_and_text_pdf() -> bytes:
+    """Text blocks around an image block: the struct walk must step over a non-text block."""
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
+    doc = pymupdf.open()
+    page = doc.new_page(width=LETTER[0], height=LETTER[1])
+    page.insert_text((72, 80), "Caption above the figure", fontsize=12)
+    page.insert_image(pymupdf.Rect(72, 100, 264, 244), stream=buf.getvalue())
+    page.insert_text((72, 300), "Text below the figure, written sideways next", fontsize=12)
+    page.insert_text((400, 600), "a rotated note", fontsize=12, rotate=90)
+    return doc.tobytes()
+
+
+STRUCT_FIXTURES = [
+    _turned_pdf(90), _turned_pdf(180, 90), _mixed_pdf(20, "a rotated label here"), _interleaved_pdf(),
+    _vertical_cjk_pdf(), _image_and_text_pdf(), report_pdf_bytes(), scan_pdf_bytes(),
+]
+
+
+@pytest.mark.parametrize("flags", [pymupdf.TEXTFLAGS_TEXT, pymupdf.TEXTFLAGS_DICT])  # DICT keeps image blocks
+@pytest.mark.parametrize("data", STRUCT_FIXTURES)
+def test_struct_mirror_reads_what_the_bindings_read(data, flags, monkeypatch):
+    """`stext` reads MuPDF's text structs through a ctypes mirror of the header; on the MuPDF it
+    mirrors it must read exactly what the bindings read (types, line pointers, directions, wmode),
+    and on any other MuPDF it must stand aside (None) so the bindings are used."""
+    from pipeline.media import stext
+
+    monkeypatch.setattr(stext, "_checked", None)  # as in a fresh process
+    doc = pymupdf.open(stream=data, filetype="pdf")
+    textpage = pymupdf.TextPage(doc[0].get_displaylist().get_textpage(flags=flags))
+    slow = stext.bound_directions(textpage)
+    assert slow is not None
+    fast = stext.block_directions(textpage)
+    if tuple(pymupdf.mupdf_version_tuple[:2]) != stext.MIRRORED_MUPDF:
+        assert fast is None
+        pytest.skip(f"MuPDF {pymupdf.mupdf_version} is not the mirrored {stext.MIRRORED_MUPDF}: the bindings are used")
+    assert fast == slow
+    if slow:
+        assert stext._checked is True  # the first page with text switched the fast path on
+    if flags == pymupdf.TEXTFLAGS_DICT and data is STRUCT_FIXTURES[5]:
+        types = [b.m_internal.type for b in textpage.this]
+        assert pymupdf.mupdf.FZ_STEXT_BLOCK_IMAGE in types  # the walk really stepped over an image block
+    if data is STRUCT_FIXTURES[4]:
+        assert any(wmode for _, _, wmode in fast) and any(not wmode for _, _, wmode in fast)
+
+
+def test_struct_mirror_that_disagrees_is_switched_off(monkeypatch):
+    """If the mirror ever reads something else than the bindings (a MuPDF whose structs changed
+    without its version saying so), the process falls back to the bindings and the result stands."""
+    from pipeline.media import pdf as pdf_mod
+    from pipeline.media import stext
+
+    data = _turned_pdf(90)
+    monkeypatch.setattr(stext, "_checked", False)
+    expected = _rotation_flags(_units(data)[0])  # through the bindings only
+    assert expected  # a page that is turned: the fallback's reading matters
+    monkeypatch.setattr(stext, "_checked", None)
+    monkeypatch.setattr(stext, "_read", lambda address: [(0.0, 1.0, 0)])  # a wrong reading
+    textpage = pymupdf.TextPage(pymupdf.open(stream=data, filetype="pdf")[0].get_displaylist().get_textpage(
+        flags=pymupdf.TEXTFLAGS_TEXT))
+    assert stext.block_directions(textpage) is None and stext._checked is False
+    assert pdf_mod._block_directions(textpage) is not None  # from the bindings
+    assert _rotation_flags(_units(data)[0]) == expected
