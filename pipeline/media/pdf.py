@@ -1,5 +1,11 @@
 """PDF -> one page unit at a time, rendered straight into numpy (no PNG/JPEG round trip).
 
+Pages are planned a group at a time (`plan_pdf`: display list, text layer, orientation and output
+size for `pdf.plan_ahead_pages` pages in a row) and then rendered one at a time: each kind of work
+then runs with warm CPU caches, where alternating them per page ran everything after a 21 MB render
+that had flushed the caches (the stage went from ~0.83 to ~0.9-0.97 of raw pymupdf's page rate).
+Only display lists wait; a page's pixels exist from its render until its consumer drops them.
+
 Render resolution is chosen per page from a pixel budget (what the model's slicer will use), not a
 fixed DPI: a Letter page and a poster both come out at about `pixel_budget` pixels, within
 [min_dpi, max_dpi]. Encoding a pixmap costs ~10x the render itself (DESIGN.md section 6), so the
@@ -23,8 +29,8 @@ Cost (one core, Letter pages of 1-2k characters, rendered at a 36-slice budget i
 content stream is interpreted once, into a display list that feeds both the render and one MuPDF
 text page (~0.1-0.2 ms, where page.get_textpage would interpret the page again for ~0.4 ms). That
 text page serves the text layer (extractText, ~0.05 ms) and the directions, read one line per block
-straight from MuPDF's structs (`stext.py`, ~0.01 ms; through the bindings it cost ~0.1 ms). extractDICT for every page would add 0.15-1.1 ms, so
-per-line character counts (which need it) are fetched only on pages whose text does not all point
+straight from MuPDF's structs (`stext.py`, ~0.01 ms; ~0.1 ms through the bindings). extractDICT for
+every page would add 0.15-1.1 ms, so per-line character counts (which need it) are fetched only on pages whose text does not all point
 the same way (+~0.5 ms there). Scans: no extra cost.
 """
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pymupdf
@@ -58,18 +65,78 @@ def expand_pdf(
     that size (no resize afterwards, which would cost far more than the render).
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
+    for group in plan_pdf(data, cfg, limits, pixel_budget, tile_min_dpi, tile_min_area, fit):
+        for plan in group:
+            yield plan.render()
+
+
+@dataclass(eq=False)
+class PagePlan:
+    """A page interpreted but not yet rendered: its display list, text layer, orientation and the
+    size it will render at. `unit` carries everything but the pixels (and is final when it is an
+    error); `render()` adds them."""
+
+    unit: MediaUnit
+    size: tuple[int, int] | None = None  # (width, height) of the render, when the fit fixed it exactly
+    _dlist: pymupdf.DisplayList | None = None
+    _rect: pymupdf.Rect | None = None
+    _dpi: float = 0.0
+    _rotation: int = 0
+    _target: tuple[int, int] | None = None
+    _check_blank: bool = False
+
+    def render(self) -> MediaUnit:
+        """Render the page into `unit` and hand it over: the plan keeps neither the unit nor its
+        display list, so no page buffer outlives its consumer. Call once. A page that fails to
+        render becomes a "page_render_failed" unit; the others go on."""
+        unit, dlist = self.unit, self._dlist
+        self.unit, self._dlist = None, None  # type: ignore[assignment]
+        if dlist is None:
+            return unit
+        try:
+            frame, pix = _render(dlist, self._rect, self._dpi, self._rotation, self._target)
+        except Exception as err:  # any MuPDF error fails only this page
+            unit.error_type = "page_render_failed"
+            unit.error_message = f"page {unit.unit_index + 1}: {type(err).__name__}: {err}"
+            unit.text_layer = None
+            return unit
+        if self._check_blank and _is_blank(frame):
+            unit.flags.append("blank_page")  # in a repaired document a flat page is likely lost content
+        unit.frames, unit.keepalive = [frame], pix
+        return unit
+
+
+def plan_pdf(
+    data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
+    tile_min_area: float = 0.0, fit: Callable[[int, int], tuple[int, int] | None] | None = None,
+) -> Iterator[list[PagePlan]]:
+    """The pages of a PDF as groups of up to `cfg.plan_ahead_pages` planned pages, in page order
+    (arguments as in `expand_pdf`); render each plan in turn.
+
+    Why groups: interpreting a page, extracting its text layer and (for the caller) converting its
+    row to Arrow all run right after the previous page's ~21 MB render has flushed the CPU caches,
+    where they cost 3-5x their warm price (about 20% on top of the render). Interpreting a group of
+    pages back to back, then rendering them back to back, keeps each kind of work warm; the
+    caller can also build one metadata table per group. Only display lists wait, never pixels.
+    Raises MediaError for a source that cannot be expanded at all; pages fail alone.
+    """
     doc = _open(data, limits)
     try:
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
-        for index in range(min(n_pages, limits.max_pages)):
-            yield _page_unit(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area, fit)
-        for index in range(limits.max_pages, n_pages):
-            yield MediaUnit(
+        rendered = min(n_pages, limits.max_pages)
+        step = cfg.plan_ahead_pages
+        for first in range(0, rendered, step):
+            group = [_plan_page(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area, fit)
+                     for index in range(first, min(first + step, rendered))]
+            yield group
+            del group  # the caller renders them; their display lists go with them
+        for first in range(rendered, n_pages, step):
+            yield [PagePlan(MediaUnit(
                 unit_index=index, unit_kind="page", error_type="page_limit",
                 error_message=f"page {index + 1} of {n_pages} is beyond limits.max_pages={limits.max_pages}",
                 flags=list(doc_flags),
-            )
+            )) for index in range(first, min(first + step, n_pages))]
     finally:
         doc.close()
 
@@ -104,11 +171,11 @@ def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
     return doc
 
 
-def _page_unit(
+def _plan_page(
     doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str],
     tile_min_dpi: float | None = None, tile_min_area: float = 0.0,
     fit: Callable[[int, int], tuple[int, int] | None] | None = None,
-) -> MediaUnit:
+) -> PagePlan:
     flags = list(doc_flags)
     try:
         page = doc.load_page(index)
@@ -129,17 +196,16 @@ def _page_unit(
         target = None
         if fit is not None and "render_for_tiling" not in flags:
             target = fit(*natural_size(rect, dpi, rotation))
-        frame, pix = _render(dlist, rect, dpi, rotation, target)
         if rotation:
             flags.append(f"rotated_{rotation}")
     except Exception as err:  # MuPDF raises RuntimeError, ValueError and friends; any of them fails only this page
-        return MediaUnit(
+        return PagePlan(MediaUnit(
             unit_index=index, unit_kind="page", error_type="page_render_failed",
             error_message=f"page {index + 1}: {type(err).__name__}: {err}", flags=flags,
-        )
-    if doc_flags and _is_blank(frame):
-        flags.append("blank_page")  # in a repaired document a flat page is likely lost content, not a blank page
-    return MediaUnit(unit_index=index, unit_kind="page", frames=[frame], text_layer=text, flags=flags, keepalive=pix)
+        ))
+    unit = MediaUnit(unit_index=index, unit_kind="page", text_layer=text, flags=flags)
+    return PagePlan(unit, size=target, _dlist=dlist, _rect=rect, _dpi=dpi, _rotation=rotation, _target=target,
+                    _check_blank=bool(doc_flags))
 
 
 def _fit_max_pixels(rect: pymupdf.Rect, dpi: float, max_pixels: int, flags: list[str]) -> float:
