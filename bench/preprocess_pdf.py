@@ -5,7 +5,8 @@
 - Ours: `pipeline.expand.ExpandSource` (the callable the Ray plan maps over sources) called directly on
   a one-row source table pointing at the local file, exactly as `cpmv inspect` drives it, with the
   default job and MiniCPM-V 4.6's pixel budget; every yielded table is consumed. That is the whole
-  stage: read, sniff, render, text layer, fit, pixels into Arrow.
+  stage: read, sniff, plan (display list, text layer, orientation, fit) a group of
+  `pdf.plan_ahead_pages` pages, render them one at a time, pixels into Arrow.
 - Raw: read the same bytes, open them with pymupdf and `page.get_pixmap` every page to the same
   pixels as ours (same DPI rule, `pipeline.media.pdf.choose_dpi`, then the same model-exact size,
   via `pipeline.media.pdf.page_matrix`), RGB, no alpha, nothing else. "The same DPI" is read as the

@@ -95,6 +95,60 @@ def _pixels_column(rows: list[dict[str, Any]]) -> "pa.ChunkedArray":
     return pa.chunked_array(chunks, type=pixels_type)
 
 
+def _nbytes(row: dict[str, Any]) -> int:
+    return sum(v.nbytes for v in row["pixels"])
+
+
+def _with_pixels(meta: "pa.Table", unit: MediaUnit, ms: float) -> "pa.Table":
+    """A one-row slice of a group's metadata table with this unit's pixels and preprocess time put in."""
+    import pyarrow as pa
+
+    from schemas.records import UNITS_SCHEMA
+
+    row = {"pixels": ExpandSource._pixels(unit.frames)["pixels"], "_keepalive": unit.keepalive}
+    i, k = UNITS_SCHEMA.get_field_index("pixels"), UNITS_SCHEMA.get_field_index("preprocess_ms")
+    meta = meta.set_column(i, UNITS_SCHEMA.field(i), _pixels_column([row]))
+    return meta.set_column(k, UNITS_SCHEMA.field(k), pa.array([ms], pa.float64()))
+
+
+class _Output:
+    """The stage's output buffer: unit rows and ready tables, in order, until a table's worth."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.tables: list["pa.Table"] = []
+        self.units = 0
+        self.nbytes = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.tables)
+
+    def add(self, item: Any, nbytes: int) -> bool:
+        """Add a row (dict) or a table; True when the buffer should go out."""
+        if isinstance(item, dict):
+            self.rows.append(item)
+            self.units += 1
+        else:
+            self._flush_rows()
+            self.tables.append(item)
+            self.units += item.num_rows
+        self.nbytes += nbytes
+        return self.units >= CHUNK_UNITS or self.nbytes >= CHUNK_BYTES
+
+    def take(self) -> "pa.Table":
+        """Everything buffered as one table (zero copy); the buffer keeps no reference to it."""
+        import pyarrow as pa
+
+        self._flush_rows()
+        tables, self.tables, self.units, self.nbytes = self.tables, [], 0, 0
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+    def _flush_rows(self) -> None:
+        if self.rows:
+            self.tables.append(_table(self.rows))
+            self.rows = []
+
+
 # Units per output table: small blocks keep a 500-page PDF from becoming one huge block in memory.
 CHUNK_UNITS = 8
 CHUNK_BYTES = 16 * 2**20
@@ -118,24 +172,21 @@ class ExpandSource:
         self.video_settings = {k: v for k, v in self.image_settings.items() if k == "downsample_mode"}
 
     def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
-        rows: list[dict[str, Any]] = []
-        size = 0
+        out = _Output()
         for src in batch.to_pylist():
-            for row in self._expand(src):
-                rows.append(row)
-                size += sum(v.nbytes for v in row["pixels"])
+            for item, nbytes in self._expand(src):
                 # Few live page buffers: big pages go out alone, small units in groups.
-                if len(rows) >= CHUNK_UNITS or size >= CHUNK_BYTES:
-                    yield _table(rows)
-                    rows, size = [], 0
+                if out.add(item, nbytes):
+                    yield out.take()
                 # Hold no reference to a yielded page while the next one renders: a 21 MB page buffer
                 # that is freed first is reused, still in the CPU's cache (L3 is ~32 MB), where two
                 # live buffers make every render miss it (+15-30% per page, measured).
-                del row
-        if rows:
-            yield _table(rows)
+                del item
+        if out:
+            yield out.take()
 
-    def _expand(self, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _expand(self, src: dict[str, Any]) -> Iterator[tuple[Any, int]]:
+        """(row or table, pixel bytes) for every unit of one source, in order."""
         from pipeline import storage
         from pipeline.media.sniff import SNIFF_BYTES, sniff
 
@@ -145,21 +196,21 @@ class ExpandSource:
             data = storage.read_bytes(src["source_uri"], self.job.storage, max_bytes=self.job.limits.max_bytes,
                                       size=src.get("size"))
         except storage.ObjectTooLargeError as err:
-            yield _source_row(src, None, error_type="too_large", error_message=str(err))
+            yield _source_row(src, None, error_type="too_large", error_message=str(err)), 0
             return
         except Exception as err:  # noqa: BLE001 - any read failure becomes this source's error row
             msg = storage.redact(f"{type(err).__name__}: {err}", self.job.storage)
-            yield _source_row(src, None, error_type="read_failed", error_message=msg)
+            yield _source_row(src, None, error_type="read_failed", error_message=msg), 0
             return
         if not data:
-            yield _source_row(src, "unknown", error_type="empty_file", error_message="the file is empty (0 bytes)")
+            yield _source_row(src, "unknown", error_type="empty_file", error_message="the file is empty (0 bytes)"), 0
             return
         media_type = sniff(data[:SNIFF_BYTES])
         if media_type not in UNIT_KIND:
             yield _source_row(
                 src, "unknown", error_type="unsupported_media_type",
                 error_message=f"not a PDF, image or video by its content (first bytes {data[:16]!r})",
-            )
+            ), 0
             return
         kind = UNIT_KIND[media_type]
         tasks = [t for t in src["tasks"] if kind in self.task_kinds[t]]
@@ -168,20 +219,87 @@ class ExpandSource:
                 src, media_type, tasks=list(src["tasks"]), error_type="task_not_applicable",
                 error_message=f"no task of this job applies to {media_type} ({kind} units); "
                 f"tasks: {', '.join(src['tasks'])}",
-            )
+            ), 0
             return
         src = {**src, "tasks": tasks}
         try:
+            if media_type == "pdf":
+                yield from self._pdf_items(src, data, t0)
+                return
             last = t0
             for unit in self._units(media_type, data):
                 now = time.perf_counter()
-                yield from self._unit_rows(src, media_type, unit, (now - last) * 1000.0)
+                for row in self._unit_rows(src, media_type, unit, (now - last) * 1000.0):
+                    yield row, _nbytes(row)
                 del unit  # see __call__: the next unit renders with this one's buffer released
                 last = time.perf_counter()
         except MediaError as err:
-            yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message)
+            yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message), 0
         except Exception as err:  # noqa: BLE001 - a bug or an unforeseen file must not kill the job
-            yield _source_row(src, media_type, error_type="preprocess_failed", error_message=f"{type(err).__name__}: {err}")
+            yield _source_row(src, media_type, error_type="preprocess_failed",
+                              error_message=f"{type(err).__name__}: {err}"), 0
+
+    def _pdf_items(self, src: dict[str, Any], data: bytes, t0: float) -> Iterator[tuple[Any, int]]:
+        """A PDF's pages, planned a group at a time (`pdf.plan_pdf`), then rendered one at a time.
+
+        The group's rows are converted to Arrow in one go before its renders (one conversion per
+        group, run warm, where one per page ran right after a render had flushed the caches); each
+        rendered page then goes out as its row's slice with the pixels put in. A page whose row the
+        render changed (an error, a blank page in a repaired file, tiles, a resize) takes the
+        general path instead.
+        """
+        from pipeline.media.pdf import plan_pdf
+
+        j = self.job
+        tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
+        groups = plan_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
+                          tile_min_area=j.tiling.min_page_area, fit=self._page_size)
+        last = t0
+        for group in groups:
+            planned_ms = (time.perf_counter() - last) * 1000.0 / len(group)
+            meta, n_flags = self._group_table(src, group), [len(p.unit.flags) for p in group]
+            for k, plan in enumerate(group):
+                start = time.perf_counter()
+                size = plan.size
+                unit = plan.render()
+                ms = planned_ms + (time.perf_counter() - start) * 1000.0
+                if meta is not None and size is not None and self._as_planned(unit, size, n_flags[k]):
+                    yield _with_pixels(meta.slice(k, 1), unit, ms), unit.frames[0].nbytes
+                else:
+                    for row in self._unit_rows(src, "pdf", unit, ms):
+                        yield row, _nbytes(row)
+                del unit  # see __call__
+            del meta
+            last = time.perf_counter()
+
+    def _group_table(self, src: dict[str, Any], group: list) -> "pa.Table | None":
+        """The rows of a group of planned pages as they will be once rendered, pixels aside (None
+        when no page in it has a planned size)."""
+        from pipeline.media import textlayer
+
+        if not any(p.size is not None for p in group):
+            return None
+        rows = []
+        for plan in group:
+            unit, (w, h) = plan.unit, plan.size or (None, None)
+            rows.append(_source_row(
+                src, "pdf", unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
+                text_layer_quality=textlayer.quality(unit.text_layer), flags=list(unit.flags),
+                error_type=unit.error_type, error_message=unit.error_message,
+                width=w, height=h, num_frames=1 if w else 0,
+            ))
+        return _table(rows)
+
+    def _as_planned(self, unit: MediaUnit, size: tuple[int, int], n_flags: int) -> bool:
+        """Whether a rendered page's row is exactly its planned row: rendered at the planned size,
+        no flag added by the render, and neither tiled nor resized by `_unit_rows`."""
+        if unit.error_type is not None or len(unit.flags) != n_flags or len(unit.frames) != 1:
+            return False
+        frame = unit.frames[0]
+        h, w = frame.shape[:2]
+        if (w, h) != size or self._tiles(frame, force="render_for_tiling" in unit.flags) is not None:
+            return False
+        return self._fit_size(w, h, video=False) is None
 
     def _units(self, media_type: str, data: bytes) -> Iterator[MediaUnit]:
         j = self.job
@@ -262,16 +380,21 @@ class ExpandSource:
         """
         import numpy as np
 
-        from pipeline.media.slicing import model_input_size
-
         h, w = frame.shape[:2]
-        settings = self.video_settings if video else self.image_settings
-        target = model_input_size(self.family, w, h, video=video, **settings)
-        if target is None and h * w > 4 * self.pixel_budget:
-            scale = (self.pixel_budget / (h * w)) ** 0.5
-            target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        target = self._fit_size(w, h, video)
         if target is None:
             return np.ascontiguousarray(frame, dtype=np.uint8)
         from PIL import Image
 
         return np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.BICUBIC))
+
+    def _fit_size(self, w: int, h: int, video: bool) -> tuple[int, int] | None:
+        """The size `_fit` resizes a w x h frame to (None: kept as it is)."""
+        from pipeline.media.slicing import model_input_size
+
+        settings = self.video_settings if video else self.image_settings
+        target = model_input_size(self.family, w, h, video=video, **settings)
+        if target is None and h * w > 4 * self.pixel_budget:
+            scale = (self.pixel_budget / (h * w)) ** 0.5
+            target = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return target
