@@ -87,7 +87,7 @@ def run_job(job: JobConfig) -> RunSummary:
         check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
     tasks = {t.name: resolve_task(t) for t in job.tasks}
-    fps = {name: fingerprint(t, job.model, model_id, job.video) for name, t in tasks.items()}
+    fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
     run_id = new_run_id(job)
 
     sources = discover(job.input, job.storage)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pipeline.config import ModelConfig, TaskConfig, VideoConfig
+from pipeline.config import JobConfig, ModelConfig, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,12 @@ def resolve_task(cfg: TaskConfig) -> ResolvedTask:
                         cfg.text_layer, cfg.hint_max_chars)
 
 
-def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, video: VideoConfig | None = None) -> str:
+def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobConfig | None = None) -> str:
     """The resume key of a task's results: same fingerprint, same question asked of the same model.
 
-    For a task on video clips the question includes which frames it sees: `video`'s sampling
-    settings (clip length, fps, frame cap, frame size, stack_frames) are part of the key.
+    The question includes what the model sees of each unit: with `job`, the settings that decide a
+    unit's pixels for the task's unit kinds are part of the key (`unit_settings`), so a rerun
+    with another DPI, tiling, image policy or video sampling redoes the work it changes.
     """
     payload: dict[str, object] = {
         "task": task.name,
@@ -119,6 +120,27 @@ def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, video: Vi
         "temperature": task.temperature,
         "text_layer": task.text_layer,
     }
-    if video is not None and "clip" in task.unit_kinds:
-        payload["video"] = video.model_dump()
+    if job is not None:
+        payload.update(unit_settings(job, task.unit_kinds))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def unit_settings(job: JobConfig, unit_kinds: frozenset[str]) -> dict[str, object]:
+    """The job settings that decide what the model sees of units of these kinds.
+
+    Left out: settings that only make a unit an error row (max_bytes, max_pages,
+    max_video_seconds: rerunning errors is its own decision) and ones that change speed, not
+    output (pdf.plan_ahead_pages).
+    """
+    out: dict[str, object] = {}
+    if "page" in unit_kinds:
+        out["pdf"] = job.pdf.model_dump(exclude={"plan_ahead_pages"})
+    if "image" in unit_kinds:
+        out["image"] = job.image.model_dump()
+    if unit_kinds & {"page", "image"}:
+        out["tiling"] = job.tiling.model_dump()
+        out["max_pixels"] = job.limits.max_pixels  # caps the DPI of a huge page and the pixels of an image
+    if "clip" in unit_kinds:
+        out["video"] = job.video.model_dump()
+        out["max_frames"] = job.limits.max_frames  # decides which clips are sampled (stacked clips come whole)
+    return out
