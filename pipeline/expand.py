@@ -157,7 +157,15 @@ CHUNK_BYTES = 16 * 2**20
 class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
-    def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str):
+    def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str,
+                 actor: bool = False):
+        """`actor`: this process is a preprocess actor of its own (Ray's), whose output Ray buffers per
+        block: tune the process for that (pipeline/memory.py). Never in a caller's process (inspect)."""
+        self.actor = actor
+        if actor:
+            from pipeline import memory
+
+            memory.keep_freed_buffers()  # page buffers are reused, not faulted in again
         self.job = job
         self.pixel_budget = pixel_budget
         self.task_kinds = task_kinds  # task name -> unit kinds it applies to
@@ -172,6 +180,13 @@ class ExpandSource:
         self.video_settings = {k: v for k, v in self.image_settings.items() if k == "downsample_mode"}
 
     def __call__(self, batch: "pa.Table") -> Iterator["pa.Table"]:
+        from pipeline import memory
+
+        if self.actor and not memory.frozen():
+            self._load_media_libraries()
+            # Ray, pyarrow and the media libraries are loaded: keep their objects out of the garbage
+            # collector's walks from now on (once per process; pipeline/memory.py).
+            memory.freeze_long_lived_objects()
         out = _Output()
         for src in batch.to_pylist():
             for item, nbytes in self._expand(src):
@@ -184,6 +199,15 @@ class ExpandSource:
                 del item
         if out:
             yield out.take()
+
+    def _load_media_libraries(self) -> None:
+        """Import the decoders of the unit kinds this job's tasks take, so that their objects are frozen too."""
+        import importlib
+
+        modules = {"page": "pipeline.media.pdf", "image": "pipeline.media.image", "clip": "pipeline.media.video"}
+        for kind in sorted({k for kinds in self.task_kinds.values() for k in kinds}):
+            if kind in modules:
+                importlib.import_module(modules[kind])
 
     def _expand(self, src: dict[str, Any]) -> Iterator[tuple[Any, int]]:
         """(row or table, pixel bytes) for every unit of one source, in order."""
