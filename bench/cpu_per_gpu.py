@@ -14,7 +14,11 @@ from a small cost model of one H100 running MiniCPM-V 4.6 under vLLM, with the v
 counts of the very units measured above (pipeline.media.slicing). Every constant of the model is in the
 JSON under `assumptions`; replace the derived rates with measured ones via --gpu-rate when they exist.
 
-    python -m bench.cpu_per_gpu [--gpu-rate pdf=8 image=11 video=380]
+The same rates inside Ray Data (`bench/under_ray.py`: one actor, whose output Ray buffers and copies
+into the object store) are measured too, as the stage runs and without its process settings
+(pipeline/memory.py), unless --no-ray.
+
+    python -m bench.cpu_per_gpu [--gpu-rate pdf=8 image=11 video=380] [--no-ray]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from bench import (
 )
 
 NAME = "cpu_per_gpu"
+VIDEO_OVERRIDES = ["video.fps=1", "video.clip_seconds=30", "video.max_frames_per_clip=30"]
 
 # --------------------------------------------------------------------------------------------------
 # The engine cost model (stated assumptions; see the module docstring)
@@ -138,8 +143,7 @@ def measure_per_core(repeats: int) -> dict[str, Any]:
     pdf = _stage_rate(born, repeats)
     scan = _stage_rate(scans, 1)
     image = _stage_rate(photo, repeats, copies=4)
-    video = _stage_rate(clip, repeats, overrides=["video.fps=1", "video.clip_seconds=30",
-                                                  "video.max_frames_per_clip=30"])
+    video = _stage_rate(clip, repeats, overrides=VIDEO_OVERRIDES)
     expander, _ = expand_stage(born)
     raw_pdf = max(raw_pdf_rate(born, expander.pixel_budget) for _ in range(repeats))
     return {
@@ -157,6 +161,16 @@ def measure_per_core(repeats: int) -> dict[str, Any]:
                      f"{video['frames']} frames",
         },
     }
+
+
+def measure_under_ray() -> dict[str, Any]:
+    from bench.preprocess_video import clip_path
+    from bench.under_ray import measure
+
+    return measure(
+        cached("report-60p-born-digital.pdf", lambda: bench_pdf_bytes(60, scan_every=None)),
+        cached("photo-12mp.jpg", photo_12mp_jpeg_bytes), clip_path(250), VIDEO_OVERRIDES,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpu-rate", nargs="*", default=[], metavar="KIND=UNITS_PER_S",
                         help="measured GPU rates replacing the cost model's (pdf pages/s, image/s, video frames/s)")
+    parser.add_argument("--no-ray", action="store_true", help="skip the rates under Ray Data (bench/under_ray.py)")
     args = parser.parse_args(argv)
     measured_gpu = _parse_rates(args.gpu_rate)
 
@@ -189,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     core_rate = {"pdf": per_core["pdf_pages_per_s"], "image": per_core["image_per_s"],
                  "video": per_core["video_frames_per_s"]}
     cores = {kind: round(gpu_rates[kind] / core_rate[kind], 2) for kind in model}
+    under_ray = None if args.no_ray else measure_under_ray()
     result = {
         "assumptions": {
             "gpu_rates_per_gpu": {"pdf_pages_per_s": gpu_rates["pdf"], "image_per_s": gpu_rates["image"],
@@ -210,6 +226,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "pdf_if_stage_matched_raw_pymupdf": round(gpu_rates["pdf"] / per_core["raw_pymupdf_pages_per_s"], 2),
         },
         "cores_per_gpu_rounded_up": {k: math.ceil(v) for k, v in cores.items()},
+        # The same stage inside Ray Data, which also buffers and copies every block into the object store.
+        "per_core_under_ray": under_ray,
+        "cores_per_gpu_under_ray": None if under_ray is None else {
+            "pdf": round(gpu_rates["pdf"] / under_ray["tuned"]["pdf_pages_per_s"], 2),
+            "image": round(gpu_rates["image"] / under_ray["tuned"]["image_per_s"], 2),
+            "video": round(gpu_rates["video"] / under_ray["tuned"]["video_frames_per_s"], 2),
+        },
         "method": {
             "cores": 1,
             "pinned_cpu": cpu,
@@ -228,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"-> {cores[kind]:6.2f} cores per GPU")
     print(f"  scanned PDF pages: {result['cores_per_gpu']['pdf_scanned']} cores per GPU; born-digital pages if the "
           f"stage ran at raw pymupdf speed: {result['cores_per_gpu']['pdf_if_stage_matched_raw_pymupdf']}")
+    if under_ray is not None:
+        t, u = under_ray["tuned"], under_ray["untuned"]
+        c = result["cores_per_gpu_under_ray"]
+        print(f"  under Ray Data (one actor): pdf {t['pdf_pages_per_s']} pages/s ({c['pdf']} cores per GPU), image "
+              f"{t['image_per_s']}/s ({c['image']}), video {t['video_frames_per_s']} frames/s ({c['video']}); "
+              f"without pipeline/memory.py: pdf {u['pdf_pages_per_s']}, image {u['image_per_s']}, "
+              f"video {u['video_frames_per_s']}")
     print(f"  -> {out}")
     return result
 
