@@ -77,12 +77,11 @@ class PagePlan:
     error); `render()` adds them."""
 
     unit: MediaUnit
-    size: tuple[int, int] | None = None  # (width, height) of the render, when the fit fixed it exactly
+    size: tuple[int, int] | None = None  # (width, height) the page renders at, when the fit fixed it exactly
     _dlist: pymupdf.DisplayList | None = None
     _rect: pymupdf.Rect | None = None
     _dpi: float = 0.0
     _rotation: int = 0
-    _target: tuple[int, int] | None = None
     _check_blank: bool = False
 
     def render(self) -> MediaUnit:
@@ -94,7 +93,7 @@ class PagePlan:
         if dlist is None:
             return unit
         try:
-            frame, pix = _render(dlist, self._rect, self._dpi, self._rotation, self._target)
+            frame, pix = _render(dlist, self._rect, self._dpi, self._rotation, self.size)
         except Exception as err:  # any MuPDF error fails only this page
             unit.error_type = "page_render_failed"
             unit.error_message = f"page {unit.unit_index + 1}: {type(err).__name__}: {err}"
@@ -204,7 +203,7 @@ def _plan_page(
             error_message=f"page {index + 1}: {type(err).__name__}: {err}", flags=flags,
         ))
     unit = MediaUnit(unit_index=index, unit_kind="page", text_layer=text, flags=flags)
-    return PagePlan(unit, size=target, _dlist=dlist, _rect=rect, _dpi=dpi, _rotation=rotation, _target=target,
+    return PagePlan(unit, size=target, _dlist=dlist, _rect=rect, _dpi=dpi, _rotation=rotation,
                     _check_blank=bool(doc_flags))
 
 
