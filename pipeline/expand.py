@@ -95,6 +95,18 @@ def _pixels_column(rows: list[dict[str, Any]]) -> "pa.ChunkedArray":
     return pa.chunked_array(chunks, type=pixels_type)
 
 
+def _unit_columns(unit: MediaUnit) -> dict[str, Any]:
+    """A unit's own columns of its row(s): everything but the source's, the pixels and the timing."""
+    from pipeline.media import textlayer
+
+    return dict(
+        unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
+        text_layer_quality=textlayer.quality(unit.text_layer), start_s=unit.start_s, end_s=unit.end_s,
+        stack_frames=unit.stack_frames, flags=list(unit.flags), error_type=unit.error_type,
+        error_message=unit.error_message,
+    )
+
+
 def _nbytes(row: dict[str, Any]) -> int:
     return sum(v.nbytes for v in row["pixels"])
 
@@ -299,19 +311,12 @@ class ExpandSource:
     def _group_table(self, src: dict[str, Any], group: list) -> "pa.Table | None":
         """The rows of a group of planned pages as they will be once rendered, pixels aside (None
         when no page in it has a planned size)."""
-        from pipeline.media import textlayer
-
         if not any(p.size is not None for p in group):
             return None
         rows = []
         for plan in group:
-            unit, (w, h) = plan.unit, plan.size or (None, None)
-            rows.append(_source_row(
-                src, "pdf", unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
-                text_layer_quality=textlayer.quality(unit.text_layer), flags=list(unit.flags),
-                error_type=unit.error_type, error_message=unit.error_message,
-                width=w, height=h, num_frames=1 if w else 0,
-            ))
+            w, h = plan.size or (None, None)
+            rows.append(_source_row(src, "pdf", **_unit_columns(plan.unit), width=w, height=h, num_frames=1 if w else 0))
         return _table(rows)
 
     def _as_planned(self, unit: MediaUnit, size: tuple[int, int], n_flags: int) -> bool:
@@ -326,13 +331,8 @@ class ExpandSource:
         return self._fit_size(w, h, video=False) is None
 
     def _units(self, media_type: str, data: bytes) -> Iterator[MediaUnit]:
+        """The units of an image or a video (PDFs go through `_pdf_items`)."""
         j = self.job
-        if media_type == "pdf":
-            from pipeline.media.pdf import expand_pdf
-
-            tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
-            return expand_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
-                              tile_min_area=j.tiling.min_page_area, fit=self._page_size)
         if media_type == "image":
             from pipeline.media.image import expand_image
 
@@ -343,15 +343,7 @@ class ExpandSource:
 
     def _unit_rows(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> Iterator[dict[str, Any]]:
         """One row per unit, or one per tile when the unit is too large or too long for the slicer."""
-        from pipeline.media import textlayer
-
-        base = dict(
-            _keepalive=unit.keepalive,
-            unit_index=unit.unit_index, unit_kind=unit.unit_kind, text_layer=unit.text_layer,
-            text_layer_quality=textlayer.quality(unit.text_layer), start_s=unit.start_s, end_s=unit.end_s,
-            stack_frames=unit.stack_frames,
-            flags=list(unit.flags), error_type=unit.error_type, error_message=unit.error_message, preprocess_ms=ms,
-        )
+        base = dict(_keepalive=unit.keepalive, preprocess_ms=ms, **_unit_columns(unit))
         if unit.error_type is not None or not unit.frames:
             yield _source_row(src, media_type, **base)
             return
