@@ -10,20 +10,46 @@ import sys
 from pipeline.config import ConfigError
 
 
+#: Exit status of a run stopped by a signal: 128 + the signal's number (130 SIGINT, 143 SIGTERM).
+EXIT_FAILED = 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
     from pipeline.config import load_job
     from pipeline.model_source import ModelUnavailable
     from pipeline.report import render
-    from pipeline.run import run_job
+    from pipeline.retry import RetryPolicy
+    from pipeline.run import StopRequest, run_job
 
+    stop = StopRequest()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now, without publishing the window in progress
+            raise KeyboardInterrupt
+        logging.getLogger("cpmv").warning(
+            "%s: stopping; publishing the sources completed so far (send it again to stop at once)",
+            signal.Signals(signum).name)
+        stop.set(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         job = load_job(args.job, args.set)
-        summary = run_job(job)
-    except (ConfigError, ModelUnavailable) as err:
+        summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop)
+    except (ConfigError, ModelUnavailable, ValueError) as err:
         print(f"cpmv: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cpmv: stopped at once; the next run rolls forward or redoes what this one left", file=sys.stderr)
+        return 128 + (stop.signal or signal.SIGINT)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(render(summary))
-    return 0
+    if summary.status == "interrupted":
+        return 128 + (stop.signal or signal.SIGINT)
+    return EXIT_FAILED if summary.status == "failed" else 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -101,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="YAML job file (see jobs/)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. --set engine.batch_size=8 (repeatable)")
+    run.add_argument("--retry-errors", nargs="?", const="all", default=None, metavar="TYPE,...",
+                     help="also redo committed rows with these error types (no value: every type); transient "
+                     "types (engine errors, HTTP 408/429/5xx, connection errors, timeouts, lost units) are "
+                     "always redone")
     run.set_defaults(func=_cmd_run)
 
     val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")

@@ -282,7 +282,23 @@ class OutputConfig(_Model):
     """Where results go."""
 
     uri: str = Field(..., description="Output prefix (local dir or s3://bucket/prefix); tables go under it.")
-    rows_per_file: int = Field(50_000, ge=1, description="Most rows per Parquet file.")
+    rows_per_file: int = Field(
+        50_000, ge=1, description="Most result rows per Parquet file: a commit window closes early when it holds "
+        "this many."
+    )
+    commit_every_s: float = Field(
+        300.0, gt=0, description="Publish the sources completed so far at least this often, in seconds (a commit "
+        "window). A crash loses at most the work of one window; each window adds one results and one documents "
+        "file, so very short windows make many small files."
+    )
+    commit_every_units: int = Field(
+        5000, ge=1, description="...or as soon as the completed sources hold this many units (pages, images, tiles, "
+        "clips), whichever comes first."
+    )
+    commit_retry_s: float = Field(
+        600.0, ge=0, description="How long a commit keeps retrying, with backoff, while the output store fails "
+        "(an S3 server restarting) before the run stops with status `failed` (what was published stays)."
+    )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
 
 

@@ -15,8 +15,12 @@ from pipeline.resources import StagePlan
 
 
 def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, plan: StagePlan,
-               pixel_budget: int) -> Any:
-    """Return the (lazy) results Dataset for `sources` (rows with source_uri, source_id, size, tasks)."""
+               pixel_budget: int, state_uri: str | None = None) -> Any:
+    """Return the (lazy) results stream for `sources` (rows with source_uri, source_id, size, tasks):
+    blocks of schemas.records.STREAM_SCHEMA, result rows plus each source's end marker.
+
+    `state_uri`: where preprocess workers record the units they were stopped on (pipeline/watchdog.py).
+    """
     import ray.data
 
     task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
@@ -24,7 +28,7 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
     ds = ds.map_batches(
         ExpandSource,
         fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
-                               "family": ctx.family, "actor": True},
+                               "family": ctx.family, "actor": True, "state_uri": state_uri},
         batch_size=1,  # one source per call: a slow PDF never holds up a batch of others
         batch_format="pyarrow",
         **plan.preprocess,

@@ -19,6 +19,7 @@ from pipeline.engines.base import Engine, Reply, Request, VideoStack
 from pipeline.guards import PROMPT_TOO_LONG
 from pipeline.media.stacking import unit_layout
 from pipeline.tasks import ResolvedTask
+from schemas.records import MARKER_KIND, NO_ROW_KIND
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -60,7 +61,7 @@ class InferStage:
         self.context_limit = _context_limit(job, ctx.engine, model_dir)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
-        from schemas.records import RESULTS_SCHEMA, to_table
+        from schemas.records import STREAM_SCHEMA, to_table
 
         now = datetime.now(timezone.utc)
         out, todo = self._split(batch, now)
@@ -70,7 +71,7 @@ class InferStage:
             per_ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
             for (unit, task, _), reply in zip(todo, replies, strict=True):
                 out.append(self._reply_row(unit, task, reply, per_ms, now))
-        return to_table(out, RESULTS_SCHEMA)
+        return to_table(out, STREAM_SCHEMA)
 
     def _guard(self, unit: dict[str, Any], task: ResolvedTask) -> "Verdict | None":
         """Estimate the unit's prompt against the context limit (None: no limit known, no check)."""
@@ -108,6 +109,9 @@ class InferStage:
         out: list[dict[str, Any]] = []
         todo: list[tuple[dict[str, Any], ResolvedTask, Request]] = []
         for unit in batch.to_pylist():
+            if unit["unit_kind"] == MARKER_KIND:  # a source's end: passed on for the driver to count
+                out.append(self._marker_row(unit, now))
+                continue
             for name in unit["tasks"]:
                 task = self.ctx.tasks[name]
                 if unit["error_type"] is not None:
@@ -117,6 +121,8 @@ class InferStage:
                     if unit["tile_index"] in (None, 0):  # one row for the whole page, not one per tile
                         out.append(self._row(unit, task, now, status="ok", text=unit["text_layer"],
                                              output_source="text_layer", tile_index=None, num_tiles=None))
+                    else:  # no row of its own, but the driver counts every (unit, task) pair
+                        out.append(self._row(unit, task, now, status=NO_ROW_KIND, unit_kind=NO_ROW_KIND))
                 else:
                     verdict = self._guard(unit, task)
                     if verdict is not None and not verdict.ok:
@@ -227,6 +233,15 @@ class InferStage:
             finish_reason=reply.finish_reason, prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens, infer_ms=ms,
         )
+
+    def _marker_row(self, unit: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """A source's end marker in the results stream (schemas.records.STREAM_SCHEMA); never written."""
+        from schemas.records import EXPECTED_ROWS, SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION, "run_id": self.ctx.run_id, "source_uri": unit["source_uri"],
+                "source_id": unit["source_id"], "unit_index": -1, "unit_kind": MARKER_KIND, "task": "",
+                "status": MARKER_KIND, "model": self.ctx.model_id, "prompt_version": "", "fingerprint": "",
+                "created_at": now, EXPECTED_ROWS: unit[EXPECTED_ROWS]}
 
     def _row(self, unit: dict[str, Any], task: ResolvedTask, now: datetime, status: str, **extra: Any) -> dict[str, Any]:
         from schemas.records import SCHEMA_VERSION

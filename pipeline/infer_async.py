@@ -190,12 +190,12 @@ class AsyncInferStage(InferStage):
         self._traced = 0
 
     async def __call__(self, batch: "pa.Table") -> AsyncIterator["pa.Table"]:  # type: ignore[override]
-        from schemas.records import RESULTS_SCHEMA, to_table
+        from schemas.records import STREAM_SCHEMA, to_table
 
         now = datetime.now(timezone.utc)
         done, todo = self._split(batch, now)
         if done:
-            yield to_table(done, RESULTS_SCHEMA)
+            yield to_table(done, STREAM_SCHEMA)
         if not todo:
             return
         if not self._streaming:  # other engines: the synchronous path, one batch at a time
@@ -204,7 +204,7 @@ class AsyncInferStage(InferStage):
                 replies = await asyncio.to_thread(self._generate, [r for _, _, r in todo])
             ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
             yield to_table([self._reply_row(u, t, rep, ms, now) for (u, t, _), rep in zip(todo, replies, strict=True)],
-                           RESULTS_SCHEMA)
+                           STREAM_SCHEMA)
             return
         t0 = time.perf_counter()
         tasks = {asyncio.ensure_future(self._answer(req)): (unit, task) for unit, task, req in todo}
@@ -216,7 +216,7 @@ class AsyncInferStage(InferStage):
                 for fut in finished:
                     unit, task = tasks[fut]
                     rows.append(self._reply_row(unit, task, fut.result(), (time.perf_counter() - t0) * 1000.0, now))
-                yield to_table(rows, RESULTS_SCHEMA)
+                yield to_table(rows, STREAM_SCHEMA)
         finally:
             for fut in tasks:
                 fut.cancel()

@@ -1,18 +1,33 @@
-"""Runs one job: check the model, discover sources, skip committed ones, run the plan, commit."""
+"""Runs one job: hold the prefix, recover a dead run's commit, skip what is published, stream, commit.
+
+A run is a loop over the engine stage's output on the driver: rows are gathered into complete
+sources (pipeline/collect.py), and complete sources are published in windows (pipeline/commit.py)
+every `output.commit_every_s` seconds or `output.commit_every_units` units. A crash loses at most
+one window; a stop request (SIGINT, SIGTERM: `StopRequest`) publishes what is complete and ends
+the run as `interrupted`.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import queue
 import secrets
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config import ConfigError, JobConfig
+from pipeline.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+#: Sources looked up in the committed index at a time (bounds the driver's transient memory).
+LOOKUP_CHUNK = 10_000
 
 
 @dataclass
@@ -21,15 +36,39 @@ class RunSummary:
 
     run_id: str
     output_uri: str
+    attempt: str = ""
+    status: str = "complete"  # complete | interrupted | failed
     counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    documents: list[dict[str, Any]] = field(default_factory=list)
-    result_files: list[str] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)  # the first documents rows, for the screen
+    errors: dict[str, int] = field(default_factory=dict)  # documents by error type
+    retried: dict[str, int] = field(default_factory=dict)  # re-run sources by the error type that made them
+    message: str | None = None  # why a run failed or stopped
 
 
-def new_run_id(job: JobConfig) -> str:
+class StopRequest:
+    """A flag the driver loop polls: set by the CLI's SIGINT/SIGTERM handlers (or a test)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal: int | None = None
+
+    def set(self, signum: int | None = None) -> None:
+        self.signal = signum
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+def new_attempt(job: JobConfig) -> tuple[str, str]:
+    """(run_id, attempt): the attempt id is unique per start, also when the job fixes its run_id."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return job.run_id or f"{job.name}-{stamp}-{secrets.token_hex(2)}"
+    token = secrets.token_hex(2)
+    if job.run_id:
+        return job.run_id, f"{job.run_id}-{stamp}-{token}"
+    attempt = f"{job.name}-{stamp}-{token}"
+    return attempt, attempt
 
 
 def resolve_family(job: JobConfig, storage_check: bool = True) -> str:
@@ -66,17 +105,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_job(job: JobConfig) -> RunSummary:
-    """Run `job` end to end and return its summary. Raises ConfigError/ModelUnavailable before any work."""
-    from pipeline import resources, sink
+def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest | None = None) -> RunSummary:
+    """Run `job` end to end and return its summary (status complete, interrupted or failed).
+
+    Raises ConfigError/ModelUnavailable before any work, PrefixBusy when another run holds the
+    output prefix.
+    """
+    from pipeline import commit, sink
     from pipeline.engines.factory import check_job, resolve_kind
-    from pipeline.graph import build_plan
-    from pipeline.infer import RunContext
+    from pipeline.lease import Lease
     from pipeline.model_source import TINY
-    from pipeline.models import get_family, pixel_budget
-    from pipeline.sources import discover
+    from pipeline.models import get_family
     from pipeline.tasks import fingerprint, resolve_task
 
+    retry = retry or RetryPolicy()
+    stop = stop or StopRequest()
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc)
     family = resolve_family(job)
@@ -88,59 +131,236 @@ def run_job(job: JobConfig) -> RunSummary:
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
-    run_id = new_run_id(job)
-
-    sources = discover(job.input, job.storage)
+    run_id, attempt = new_attempt(job)
     layout = sink.Layout(job.output.uri, job.storage)
-    done = sink.committed(layout)
-    todo: list[dict[str, Any]] = []
-    for s in sources:
-        need = [name for name in tasks if fps[name] not in done.get(s.source_id, ())]
-        if need:
-            todo.append({"source_uri": s.uri, "source_id": s.source_id, "size": s.size, "tasks": need})
-    summary = RunSummary(run_id, job.output.uri)
-    summary.counts.update(sources=len(sources), skipped_committed=len(sources) - len(todo), processed=len(todo))
-    log.info("run %s: %d sources, %d already committed, %d to process",
-             run_id, len(sources), len(sources) - len(todo), len(todo))
-    t_plan = time.perf_counter()
-    cluster: dict[str, float] = {}
-    if todo:
-        resources.init_ray(job)
-        cluster = resources.cluster_resources()
-    engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
-    check_job(job, family, engine)
-    ctx = RunContext(run_id, model_id, family, engine, tasks, fps)
-    if todo:
-        plan = resources.plan_stages(job, len(todo), cluster, engine)
-        budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
-        ds = build_plan(job, todo, ctx, plan, budget)
-        sink.write_results(ds, layout, run_id, job.output.rows_per_file, job.output.compression, plan.write)
-    t_written = time.perf_counter()
-    documents = sink.build_documents(layout, run_id, todo, fps, with_text=True)
-    summary.documents = documents.to_pylist()
-    _count(summary, documents)
-    summary.timings.update(
-        discover_s=round(t_plan - t_start, 3), pipeline_s=round(t_written - t_plan, 3),
-    )
-    record = {
-        "run_id": run_id, "job": job.name, "started_at": started.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "model": {"name": model_id, "family": family, "display": spec.display, "engine": ctx.engine},
+    summary = RunSummary(run_id, job.output.uri, attempt)
+    record: dict[str, Any] = {
+        "run_id": run_id, "attempt": attempt, "job": job.name, "status": "running",
+        "started_at": started.isoformat(), "finished_at": None,
+        "model": {"name": model_id, "family": family, "display": spec.display, "engine": engine},
         "tasks": {n: {"prompt_version": t.prompt_version, "fingerprint": fps[n]} for n, t in tasks.items()},
-        "counts": summary.counts, "timings": summary.timings, "versions": _versions(),
+        "retry_policy": retry.describe(), "counts": summary.counts, "timings": summary.timings,
+        "errors": summary.errors, "retried": summary.retried, "versions": _versions(),
         # SecretStr fields dump as '**********': credentials never reach the run record.
         "config": job.model_dump(mode="json"),
     }
-    # Always publish a run record, also when every source was already committed (an audit trail).
-    summary.result_files = sink.commit(layout, run_id, documents, record)
-    summary.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    with Lease(layout, attempt):
+        _take_over(layout, attempt, summary)
+        work = _plan_work(job, layout, fps, retry, summary)
+        _write_record(layout, record)
+        t_plan = time.perf_counter()
+        publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression)
+        try:
+            if work and not stop.is_set():
+                record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,
+                                                    layout, publisher, summary, stop)
+            elif stop.is_set():
+                summary.status = "interrupted"
+        except BaseException as err:  # noqa: BLE001 - the record says how the run ended, then it re-raises
+            summary.status, summary.message = "failed", f"{type(err).__name__}: {err}"
+            _finish(layout, record, summary, publisher, t_start, t_plan, work)
+            raise
+        _finish(layout, record, summary, publisher, t_start, t_plan, work)
     return summary
 
 
-def _count(summary: RunSummary, documents: Any) -> None:
+def _take_over(layout: Any, attempt: str, summary: RunSummary) -> None:
+    """Roll forward a dead run's decided commit, then drop every dead run's staging and mark its record."""
+    from pipeline import commit, storage
+
+    rolled = commit.recover(layout)
+    dead = commit.discard_staging(layout, keep=attempt)
+    for name in dead:
+        uri = layout.run_record(name)
+        try:
+            rec = json.loads(storage.read_bytes(uri, layout.storage, max_bytes=64 * 2**20))
+        except (FileNotFoundError, ValueError):
+            continue
+        if rec.get("status") == "running":
+            rec["status"] = "abandoned"
+            rec["abandoned_by"] = attempt
+            storage.write_bytes(uri, json.dumps(rec, indent=2, default=str).encode(), layout.storage)
+    if rolled or dead:
+        log.info("took over from dead runs: %d commit(s) rolled forward, %d staging dir(s) removed",
+                 len(rolled), len(dead))
+    summary.counts.update(rolled_forward=len(rolled), dead_runs_cleaned=len(dead))
+
+
+def _plan_work(job: JobConfig, layout: Any, fps: dict[str, str], retry: RetryPolicy,
+               summary: RunSummary) -> dict[str, Any]:
+    """The sources this run processes (source_id -> SourceWork), looked up in chunks."""
+    from pipeline import sink
+    from pipeline.collect import SourceWork
+    from pipeline.sources import discover
+
+    sources = discover(job.input, job.storage)
+    index = sink.CommittedIndex.load(layout)
+    work: dict[str, SourceWork] = {}
+    retried: Counter[str] = Counter()
+    for i in range(0, len(sources), LOOKUP_CHUNK):
+        chunk = sources[i:i + LOOKUP_CHUNK]
+        states = index.lookup([s.source_id for s in chunk])
+        for s in chunk:
+            state = states.get(s.source_id)
+            need = sink.tasks_to_do(state, fps, retry)
+            if not need:
+                continue
+            if state is not None:
+                for f in state["failures"] or []:
+                    if f["task"] in need and retry.retries(f["error_type"]):
+                        retried[f["error_type"]] += 1
+            work[s.source_id] = SourceWork(s.uri, s.source_id, s.size, tuple(need), sink.prior_of(state))
+    summary.retried.update(retried)
+    summary.counts.update(sources=len(sources), skipped_committed=len(sources) - len(work), processed=len(work),
+                          retried_sources=sum(1 for w in work.values() if w.prior is not None))
+    log.info("run %s: %d sources, %d already committed, %d to process (%d re-run: %s)", summary.attempt,
+             len(sources), len(sources) - len(work), len(work), summary.counts["retried_sources"],
+             dict(retried) or "new tasks")
+    return work
+
+
+_END = object()
+
+
+def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, engine: str | None,
+            tasks: dict[str, Any], fps: dict[str, str], attempt: str, layout: Any, publisher: Any,
+            summary: RunSummary, stop: StopRequest) -> str:
+    """Run the plan and publish complete sources in windows; returns the engine kind used."""
+    from pipeline import resources
+    from pipeline.collect import Collector
+    from pipeline.engines.factory import check_job, resolve_kind
+    from pipeline.graph import build_plan
+    from pipeline.infer import RunContext
+    from pipeline.models import get_family, pixel_budget
+    from pipeline.sink import lost
+
+    resources.init_ray(job)
+    cluster = resources.cluster_resources()
+    engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
+    check_job(job, family, engine)
+    ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)
+    plan = resources.plan_stages(job, len(work), cluster, engine)
+    spec = get_family(family)
+    budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
+    ds = build_plan(job, [w.item() for w in work.values()], ctx, plan, budget,
+                    state_uri=layout.staging(attempt, "timeouts"))
+
+    blocks: queue.Queue = queue.Queue(maxsize=8)
+
+    def produce() -> None:
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                while not stop.is_set():
+                    try:
+                        blocks.put(block, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            blocks.put(_END)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver loop, which decides
+            blocks.put(err)
+
+    threading.Thread(target=produce, name="cpmv-results", daemon=True).start()
+    collector = Collector(work)
+    window: list[Any] = []
+    units = rows = 0
+    last = time.monotonic()
+    out = job.output
+    failure: BaseException | None = None
+    while True:
+        if stop.is_set():
+            summary.status = "interrupted"
+            break
+        try:
+            item = blocks.get(timeout=0.5)
+        except queue.Empty:
+            item = None
+        if item is _END:
+            break
+        if isinstance(item, BaseException):
+            failure = item
+            break
+        if item is not None:
+            for src in collector.add(item):
+                window.append(src)
+                units += src.units
+                rows += len(src.rows)
+        if window and (units >= out.commit_every_units or rows >= out.rows_per_file
+                       or time.monotonic() - last >= out.commit_every_s):
+            _publish(publisher, window, out.commit_retry_s, summary)
+            window, units, rows, last = [], 0, 0, time.monotonic()
+    if failure is None and summary.status == "complete":
+        window += collector.drain()
+        window += [lost(w) for w in collector.never_seen()]
+    summary.counts["duplicates_dropped"] = collector.duplicates
+    summary.counts["unpublished_in_flight"] = collector.in_flight()
+    _publish(publisher, window, out.commit_retry_s, summary)
+    if failure is not None:
+        summary.status = "failed"
+        summary.message = f"{type(failure).__name__}: {failure}"
+        log.error("the pipeline failed: %s; published sources stay, the rest is redone by the next run",
+                  summary.message)
+    if summary.status != "complete":
+        _stop_ray()
+    return engine
+
+
+def _publish(publisher: Any, window: list[Any], retry_s: float, summary: RunSummary) -> None:
+    """Publish one window, retrying with backoff while the output store fails (bounded by retry_s)."""
+    from pipeline import storage
+
+    if not window:
+        return
+    deadline = time.monotonic() + retry_s
+    delay = 1.0
+    while True:
+        try:
+            stats = publisher.publish(window)
+            break
+        except Exception as err:  # noqa: BLE001 - the store is down: wait and retry, then give up
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("commit failed (%s); retrying in %.0f s", storage.redact(err), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    log.info("committed %s: %d sources, %d result rows", stats.stem, stats.sources, stats.rows)
+
+
+def _stop_ray() -> None:
+    """Stop the plan's work (actors, tasks) when the run ends early."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception as err:  # noqa: BLE001
+        log.warning("stopping Ray failed: %s", err)
+
+
+def _write_record(layout: Any, record: dict[str, Any]) -> None:
+    from pipeline import storage
+
+    storage.write_bytes(layout.run_record(record["attempt"]), json.dumps(record, indent=2, default=str).encode(),
+                        layout.storage)
+
+
+def _finish(layout: Any, record: dict[str, Any], summary: RunSummary, publisher: Any, t_start: float,
+            t_plan: float, work: dict[str, Any]) -> None:
+    """Final counts and the run record (status complete, interrupted or failed); drop this run's staging."""
+    from pipeline import storage
+
     c = summary.counts
-    for d in documents.to_pylist():
-        c[f"documents_{d['status']}"] = c.get(f"documents_{d['status']}", 0) + 1
-        c["units"] = c.get("units", 0) + d["num_units"]
-        c["results_ok"] = c.get("results_ok", 0) + d["results_ok"]
-        c["results_failed"] = c.get("results_failed", 0) + d["results_failed"]
+    c.update({k: v for k, v in publisher.counts.items()})
+    summary.errors.update(publisher.errors)
+    summary.documents = publisher.shown
+    summary.timings.update(discover_s=round(t_plan - t_start, 3), pipeline_s=round(time.perf_counter() - t_plan, 3),
+                           total_s=round(time.perf_counter() - t_start, 3))
+    record.update(status=summary.status, message=summary.message,
+                  finished_at=datetime.now(timezone.utc).isoformat())
+    try:
+        _write_record(layout, record)
+        storage.rm(layout.staging(summary.attempt), layout.storage, recursive=True)
+    except Exception as err:  # noqa: BLE001 - the record is best effort when the store is down
+        log.warning("could not write the run record: %s", storage.redact(err, layout.storage))

@@ -1,35 +1,37 @@
-"""Writing and committing outputs, and reading what earlier runs committed (resume).
+"""Output layout, documents rows, and what earlier runs published (the resume lookup).
 
-Layout under the output prefix:
+Layout under the output prefix (the commit protocol that fills it is pipeline/commit.py):
 
-    results/<run_id>-<task>.parquet     one row per unit and task (schemas.records.RESULTS_SCHEMA)
-    documents/<run_id>.parquet          one row per source (DOCUMENTS_SCHEMA); the commit marker
-    runs/<run_id>.json                  the run record: config (secrets redacted), versions, counts
-    _staging/<run_id>/...               work in progress; never read as output
+    results/<stem>.parquet        one row per unit and task (schemas.records.RESULTS_SCHEMA)
+    documents/<stem>.parquet      one row per source of the same window (DOCUMENTS_SCHEMA)
+    runs/<attempt>.json           one run record per attempt: config (secrets redacted), counts, status
+    _commits/<stem>.json          a decided commit not yet fully applied (rolled forward by any run)
+    _staging/<attempt>/...        work in progress; never read as output
+    _lock.json                    the attempt that owns the prefix now (pipeline/lease.py)
 
-Ray Data writes results into staging; only after the whole plan finished does the driver build the
-documents rows from them, move the result files into `results/`, then write `documents/` and
-finally `runs/`. A reader of `results/` never sees a file of a run that is still going, and a
-rerun skips exactly the sources that have a `documents` row for the same task fingerprints.
+`<stem>` is `<attempt>-w<window>`: an attempt id is unique (a job's fixed `run_id` plus the start
+time and a random suffix), so no run ever overwrites another's file. A source lives in exactly one
+window's file pair: when a later run redoes some of its tasks, its rows move to the new window and
+the old files are rewritten without it, so `documents` holds one current row per source.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.collect import Complete, Prior, SourceWork
 from pipeline.config import StorageConfig
-from schemas.records import DOCUMENTS_SCHEMA, SCHEMA_VERSION, to_table
+from schemas.records import DOCUMENTS_SCHEMA, SCHEMA_VERSION
 
-log = logging.getLogger(__name__)
+TABLES = ("results", "documents")
 
 
 @dataclass(frozen=True)
@@ -42,113 +44,137 @@ class Layout:
     def table_dir(self, table: str) -> str:
         return storage.safe_join(self.root, table)
 
-    def staging(self, run_id: str, table: str = "") -> str:
-        return storage.safe_join(self.root, f"_staging/{run_id}/{table}".rstrip("/"))
+    def data_file(self, table: str, stem: str) -> str:
+        return storage.safe_join(self.root, f"{table}/{stem}.parquet")
 
-    def run_record(self, run_id: str) -> str:
-        return storage.safe_join(self.root, f"runs/{run_id}.json")
+    def staging(self, attempt: str, rel: str = "") -> str:
+        return storage.safe_join(self.root, f"_staging/{attempt}/{rel}".rstrip("/"))
+
+    def staging_root(self) -> str:
+        return storage.safe_join(self.root, "_staging")
+
+    def intents(self) -> str:
+        return storage.safe_join(self.root, "_commits")
+
+    def intent(self, stem: str) -> str:
+        return storage.safe_join(self.root, f"_commits/{stem}.json")
+
+    def run_record(self, attempt: str) -> str:
+        return storage.safe_join(self.root, f"runs/{attempt}.json")
+
+    def lock(self) -> str:
+        return storage.safe_join(self.root, "_lock.json")
 
 
-def _parquet_files(uri: str, st: StorageConfig) -> list[str]:
-    if not storage.exists(uri, st):
-        return []
+def parquet_files(uri: str, st: StorageConfig) -> list[str]:
+    """Parquet files directly under `uri` (sorted; none when it does not exist)."""
     return sorted(u for u in storage.list_files(uri, st) if u.endswith(".parquet"))
 
 
-def _read(uris: list[str], st: StorageConfig, columns: list[str]) -> pa.Table | None:
-    tables = []
-    for uri in uris:
-        fs, path = storage.pyarrow_fs(uri, st)
-        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
-    return pa.concat_tables(tables, promote_options="default") if tables else None
+def read_table(uri: str, st: StorageConfig, columns: list[str] | None = None) -> pa.Table | None:
+    """One Parquet file, or None when it does not exist."""
+    fs, path = storage.pyarrow_fs(uri, st)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        return None
 
 
-def committed(layout: Layout) -> dict[str, set[str]]:
-    """source_id -> task fingerprints committed by earlier runs (from the documents table)."""
-    table = _read(_parquet_files(layout.table_dir("documents"), layout.storage), layout.storage,
-                  ["source_id", "fingerprints"])
-    done: dict[str, set[str]] = defaultdict(set)
-    if table is not None:
-        for sid, fps in zip(table.column("source_id").to_pylist(), table.column("fingerprints").to_pylist()):
-            done[sid].update(fps or [])
-    return done
+def stem_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
 
 
-def write_results(ds: Any, layout: Layout, run_id: str, rows_per_file: int, compression: str,
-                  ray_remote_args: dict[str, Any]) -> None:
-    """Stream the results dataset into staging as Parquet with deterministic file names."""
-    from ray.data import SaveMode
-    from ray.data.datasource import FilenameProvider
-
-    class RunFiles(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"{run_id}-{task_index:06d}.parquet"
-
-    fs, path = storage.pyarrow_fs(layout.staging(run_id, "results"), layout.storage)
-    ds.write_parquet(
-        path, filesystem=fs, filename_provider=RunFiles(), max_rows_per_file=rows_per_file,
-        compression=None if compression == "none" else compression, ray_remote_args=ray_remote_args,
-        # The staging dir belongs to this run alone, so overwrite mode is safe; it is also what lets
-        # file names be deterministic (Ray otherwise demands its random write id in every name).
-        mode=SaveMode.OVERWRITE,
-    )
+# ---------------------------------------------------------------------------------------------
+# What is committed
 
 
-_DOC_COLUMNS = ["source_uri", "source_id", "media_type", "unit_index", "tile_index", "task", "status",
-                "error_type", "error_message", "flags", "fingerprint", "text"]
+class CommittedIndex:
+    """source_id -> (window stem, committed (task, fingerprint), failures), from the documents table.
 
-
-def build_documents(layout: Layout, run_id: str, sources: list[dict[str, Any]], fingerprints: dict[str, str],
-                    with_text: bool) -> pa.Table:
-    """One documents row per source of this run, aggregated from the staged results.
-
-    `fingerprints` maps task -> fingerprint; a row commits the fingerprints of every task the run
-    handled for its source, including tasks that do not apply to it (so a rerun does not retry them).
-    A source that produced no result rows at all still gets a row (status `error`, type `lost`) and
-    commits nothing: nothing disappears silently, and the next run retries it.
+    Read once per run, column by column: ~100 bytes per committed source in Arrow memory, looked up
+    in chunks (`lookup`), so a million committed sources never become a million Python objects.
     """
-    files = _parquet_files(layout.staging(run_id, "results"), layout.storage)
-    table = _read(files, layout.storage, _DOC_COLUMNS)
-    acc: dict[str, dict[str, Any]] = {}
-    if table is not None:
-        for r in table.to_pylist():
-            _accumulate(acc.setdefault(r["source_id"], _empty_doc()), r)
-    now = datetime.now(timezone.utc)
-    rows = [_doc_row(src, acc.get(src["source_id"]), run_id, now, with_text) for src in sources]
-    for row, src in zip(rows, sources):
-        if row["error_type"] != "lost":
-            row["fingerprints"] = sorted({fingerprints[t] for t in src["tasks"]} | set(row["fingerprints"]))
-    return to_table(rows, DOCUMENTS_SCHEMA)
+
+    def __init__(self, table: pa.Table):
+        self.table = table  # source_id, stem, committed, failures
+
+    @classmethod
+    def load(cls, layout: Layout) -> "CommittedIndex":
+        cols = ["source_id", "committed", "failures"]
+        parts = []
+        for uri in parquet_files(layout.table_dir("documents"), layout.storage):
+            t = read_table(uri, layout.storage, cols)
+            if t is not None and t.num_rows:
+                parts.append(t.append_column("stem", pa.array([stem_of(uri)] * t.num_rows, pa.string())
+                                             .dictionary_encode()))
+        if not parts:
+            empty = pa.schema([pa.field("source_id", pa.string()), DOCUMENTS_SCHEMA.field("committed"),
+                               DOCUMENTS_SCHEMA.field("failures"),
+                               pa.field("stem", pa.dictionary(pa.int32(), pa.string()))])
+            return cls(empty.empty_table())
+        return cls(pa.concat_tables(parts, promote_options="permissive").combine_chunks())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def lookup(self, source_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The committed state of those of `source_ids` that have one (pass chunks of ~10k)."""
+        if not source_ids or not self.table.num_rows:
+            return {}
+        pos = pc.index_in(pa.array(source_ids, pa.string()), value_set=self.table.column("source_id"))
+        hits = [(sid, p) for sid, p in zip(source_ids, pos.to_pylist()) if p is not None]
+        if not hits:
+            return {}
+        rows = self.table.take(pa.array([p for _, p in hits], pa.int64())).to_pylist()
+        return {sid: row for (sid, _), row in zip(hits, rows)}
 
 
-def _empty_doc() -> dict[str, Any]:
-    return {"units": defaultdict(list), "tasks": set(), "fps": set(), "flags": set(), "media_type": None,
-            "error": None, "texts": {}, "counts": defaultdict(int)}
+def tasks_to_do(state: dict[str, Any] | None, fingerprints: dict[str, str], retries) -> list[str]:
+    """The tasks a source needs from this run: those not committed at this fingerprint, and those
+    whose committed rows hold an error type `retries` (a RetryPolicy) says to redo."""
+    if state is None:
+        return list(fingerprints)
+    committed = {(c["task"], c["fingerprint"]) for c in state["committed"] or []}
+    failed = {f["task"] for f in state["failures"] or [] if retries.retries(f["error_type"])}
+    return [t for t, fp in fingerprints.items() if (t, fp) not in committed or t in failed]
 
 
-def _accumulate(d: dict[str, Any], r: dict[str, Any]) -> None:
-    d["media_type"] = d["media_type"] or r["media_type"]
-    d["counts"][r["status"]] += 1
-    d["tasks"].add(r["task"])
-    d["fps"].add(r["fingerprint"])
-    d["flags"].update(r["flags"] or [])
-    if r["unit_index"] >= 0:
-        d["units"][r["unit_index"]].append(r["status"])
-    if r["status"] == "error" and d["error"] is None:
-        d["error"] = (r["error_type"], r["error_message"])
-    if r["task"] == "ocr" and r["status"] == "ok" and r["unit_index"] >= 0:
-        # tiles of a page follow each other in reading order (tile_index null: an untiled page)
-        d["texts"][(r["unit_index"], r["tile_index"] if r["tile_index"] is not None else -1)] = r["text"] or ""
+def prior_of(state: dict[str, Any] | None) -> Prior | None:
+    if state is None:
+        return None
+    return Prior(str(state["stem"]), tuple((c["task"], c["fingerprint"]) for c in state["committed"] or []))
 
 
-def _doc_row(src: dict[str, Any], d: dict[str, Any] | None, run_id: str, now: datetime, with_text: bool) -> dict[str, Any]:
-    base = {"schema_version": SCHEMA_VERSION, "run_id": run_id, "source_uri": src["source_uri"],
-            "source_id": src["source_id"], "size_bytes": src.get("size"), "created_at": now}
-    if d is None:
+# ---------------------------------------------------------------------------------------------
+# Documents rows
+
+
+def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_id: str, now: datetime,
+                 with_text: bool, moved: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The documents row of a published source, from all of its result rows (this run's and the
+    rows of tasks it did not redo, `moved` from its earlier window).
+
+    A complete source commits the fingerprints of every task this run did for it, including tasks
+    that do not apply to it (so a rerun does not retry them). A source with no rows at all is an
+    `error` row of type `lost`; one with rows missing is `lost_units`; neither commits the tasks of
+    this run, so the next run redoes them.
+    """
+    w = src.work
+    base = {"schema_version": SCHEMA_VERSION, "run_id": run_id, "attempt": attempt, "source_uri": w.uri,
+            "source_id": w.source_id, "size_bytes": w.size, "created_at": now}
+    kept = {t: fp for t, fp in (w.prior.committed if w.prior else ()) if t not in w.tasks}
+    if src.complete:
+        kept.update({t: fingerprints[t] for t in w.tasks})
+    committed = [{"task": t, "fingerprint": fp} for t, fp in sorted(kept.items())]
+    rows = [*moved, *src.rows]
+    if not rows:
         return {**base, "num_units": 0, "units_ok": 0, "units_failed": 0, "results_ok": 0, "results_failed": 0,
                 "status": "error", "error_type": "lost",
-                "error_message": "no result rows were produced for this source (a stage crashed); rerun the job",
-                "tasks": [], "fingerprints": [], "flags": []}
+                "error_message": "no result rows came back for this source (a stage crashed or the run stopped); "
+                "the next run redoes it", "tasks": [], "fingerprints": sorted(kept.values()),
+                "committed": committed, "failures": [{"task": t, "error_type": "lost", "count": 1} for t in w.tasks],
+                "flags": []}
+    d = _aggregate(rows)
     c = d["counts"]
     units_failed = sum(1 for s in d["units"].values() if "error" in s)
     units_ok = sum(1 for s in d["units"].values() if all(x == "ok" for x in s))
@@ -160,7 +186,15 @@ def _doc_row(src: dict[str, Any], d: dict[str, Any] | None, run_id: str, now: da
     if with_text and d["media_type"] == "pdf" and d["texts"]:
         text = "\n\n".join(d["texts"][i] for i in sorted(d["texts"]))
     etype, emsg = d["error"] or (None, None)
-    if status == "ok" and "pdf_repaired" in d["flags"]:
+    flags = set(d["flags"])
+    failures = [{"task": t, "error_type": e, "count": n} for (t, e), n in sorted(d["failures"].items())]
+    if not src.complete:
+        flags.add("lost_units")
+        failures += [{"task": t, "error_type": "lost_units", "count": 1} for t in w.tasks]
+        status = "partial" if c["ok"] else "error"
+        etype, emsg = "lost_units", ("some units of this source never came back from the pipeline; "
+                                     "the next run redoes its tasks")
+    elif status == "ok" and "pdf_repaired" in flags:
         # A damaged PDF opens "repaired" and renders without errors, with pages missing or blank:
         # calling it ok would be a silent loss (DESIGN.md section 6).
         status, etype = "partial", "pdf_repaired"
@@ -168,23 +202,40 @@ def _doc_row(src: dict[str, Any], d: dict[str, Any] | None, run_id: str, now: da
     return {**base, "media_type": d["media_type"], "num_units": len(d["units"]), "units_ok": units_ok,
             "units_failed": units_failed, "results_ok": c["ok"], "results_failed": c["error"], "status": status,
             "error_type": etype, "error_message": emsg, "tasks": sorted(d["tasks"]),
-            "fingerprints": sorted(d["fps"]), "flags": sorted(d["flags"]), "text": text}
+            "fingerprints": sorted(kept.values()), "committed": committed, "failures": failures,
+            "flags": sorted(flags), "text": text}
 
 
-def commit(layout: Layout, run_id: str, documents: pa.Table, record: dict[str, Any]) -> list[str]:
-    """Publish a run: move result files, then write documents (the resume marker), then the run record."""
-    st = layout.storage
-    final = []
-    for uri in _parquet_files(layout.staging(run_id, "results"), st):
-        dst = storage.safe_join(layout.table_dir("results"), uri.rstrip("/").rsplit("/", 1)[-1])
-        storage.move(uri, dst, st)
-        final.append(dst)
-    if documents.num_rows:
-        buf = pa.BufferOutputStream()
-        pq.write_table(documents, buf, compression="zstd")
-        storage.write_bytes(storage.safe_join(layout.table_dir("documents"), f"{run_id}.parquet"),
-                            buf.getvalue().to_pybytes(), st)
-    storage.write_bytes(layout.run_record(run_id), json.dumps(record, indent=2, default=str).encode(), st)
-    if storage.exists(layout.staging(run_id), st):
-        storage.rm(layout.staging(run_id), st, recursive=True)
-    return final
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    d: dict[str, Any] = {"units": defaultdict(list), "tasks": set(), "flags": set(), "media_type": None,
+                         "error": None, "texts": {}, "counts": defaultdict(int), "failures": defaultdict(int)}
+    for r in rows:
+        d["media_type"] = d["media_type"] or r["media_type"]
+        d["counts"][r["status"]] += 1
+        d["tasks"].add(r["task"])
+        d["flags"].update(r["flags"] or [])
+        if r["unit_index"] >= 0:
+            d["units"][r["unit_index"]].append(r["status"])
+        if r["status"] == "error":
+            d["failures"][(r["task"], r["error_type"] or "unknown")] += 1
+            if d["error"] is None:
+                d["error"] = (r["error_type"], r["error_message"])
+        if r["task"] == "ocr" and r["status"] == "ok" and r["unit_index"] >= 0:
+            # tiles of a page follow each other in reading order (tile_index null: an untiled page)
+            d["texts"][(r["unit_index"], r["tile_index"] if r["tile_index"] is not None else -1)] = r["text"] or ""
+    return d
+
+
+def lost(work: SourceWork) -> Complete:
+    """A source of this run whose rows never came back (published as a `lost` documents row)."""
+    return Complete(work, [], 0, complete=False)
+
+
+def source_ids(uris: list[str], st: StorageConfig) -> set[str]:
+    """Every source_id in these documents files (tests, tools)."""
+    out: set[str] = set()
+    for uri in uris:
+        t = read_table(uri, st, ["source_id"])
+        if t is not None:
+            out.update(t.column("source_id").to_pylist())
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: tile_index, num_tiles, text_layer_quality
+SCHEMA_VERSION = "1.2"  # 1.1: tile_index, num_tiles, text_layer_quality; 1.2: documents.committed, failures, attempt
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -76,12 +76,28 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("tasks", pa.list_(pa.string())),
         pa.field("fingerprints", pa.list_(pa.string())),  # committed fingerprints: what a rerun skips
+        # the same by task (a task redone replaces its own entry only)
+        pa.field("committed", pa.list_(pa.struct([pa.field("task", pa.string()),
+                                                  pa.field("fingerprint", pa.string())]))),
+        # error rows by task and type: what a rerun retries (pipeline/retry.py)
+        pa.field("failures", pa.list_(pa.struct([pa.field("task", pa.string()), pa.field("error_type", pa.string()),
+                                                 pa.field("count", pa.int32())]))),
         pa.field("flags", pa.list_(pa.string())),
         pa.field("text", pa.string()),  # OCR text of all pages in order (PDFs), for whole-document use
+        pa.field("attempt", pa.string()),  # the run attempt that published this row (file names carry it)
         pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
     ],
     metadata={"cpmv.table": "documents", "cpmv.schema_version": SCHEMA_VERSION},
 )
+
+#: The engine stage's output: result rows plus, on end-of-source markers only, the number of result
+#: rows the source will have (pipeline/collect.py). Internal: never written out.
+EXPECTED_ROWS = "_expected_rows"
+STREAM_SCHEMA = RESULTS_SCHEMA.append(pa.field(EXPECTED_ROWS, pa.int32()))
+#: `unit_kind` of the stream's internal rows: a source's end marker, and a (unit, task) pair that
+#: produces no result row (a text-layer page's later tiles) but counts towards the source's total.
+MARKER_KIND = "_end"
+NO_ROW_KIND = "_none"
 
 TABLES: dict[str, pa.Schema] = {"results": RESULTS_SCHEMA, "documents": DOCUMENTS_SCHEMA}
 
@@ -134,5 +150,6 @@ UNITS_SCHEMA = pa.schema(
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("preprocess_ms", pa.float64()),
+        pa.field("_expected_rows", pa.int32()),  # end-of-source markers only (EXPECTED_ROWS)
     ]
 )

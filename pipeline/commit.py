@@ -1,0 +1,214 @@
+"""Publishing windows of complete sources, exactly once, whatever the crash point.
+
+A window's commit, in order (each step may be the last one before a crash):
+
+1. stage: write the window's `results` and `documents` files, and a rewritten copy of every earlier
+   window file that held a source this window re-publishes (that source's rows left out), under
+   `_staging/<attempt>/w<N>/`;
+2. decide: write the intent `_commits/<stem>.json` listing every file operation (one atomic PUT or
+   rename: the commit point);
+3. apply: move each staged file to its final name (results first, then documents; rewrites replace
+   the old file in place, which is atomic per object on S3 and per rename on local disk), delete old
+   files left empty;
+4. forget: delete the intent, then the window's staging directory.
+
+Before step 2 nothing is visible and the window is redone by the next run; from step 2 on, any run
+rolls the intent forward (`recover`), and every operation is idempotent: a move whose staged file is
+gone was done. Between steps 3's operations a reader may briefly see a re-published source twice or
+without its documents row; once the commit is applied, every (source_id, unit_index, tile_index,
+task) appears exactly once. One run at a time holds the prefix (pipeline/lease.py), so at most one
+intent is pending at any time.
+
+Chosen over Delta Lake and Ray Data checkpointing: see the README ("Commits") and the issue note.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.collect import Complete
+from pipeline.sink import Layout, document_row, read_table
+from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA, conform, to_table
+
+log = logging.getLogger(__name__)
+
+#: Test hook: `CPMV_FAULT_COMMIT=<step>` kills the process (os._exit) at that step of the first
+#: window's commit, to prove recovery from each kill point. Steps: staged, decided, applied-results,
+#: applied, forgotten. Never set in production.
+FAULT_ENV = "CPMV_FAULT_COMMIT"
+SHOWN = 20
+
+
+@dataclass
+class WindowStats:
+    stem: str
+    sources: int
+    rows: int
+    rewritten: int
+
+
+def _fault(step: str) -> None:
+    import os
+
+    if os.environ.get(FAULT_ENV) == step:
+        log.error("fault injection: killing the driver at commit step %r", step)
+        os._exit(137)
+
+
+def _parquet_bytes(table: pa.Table, compression: str) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression=None if compression == "none" else compression)
+    return buf.getvalue().to_pybytes()
+
+
+class Publisher:
+    """Publishes windows of complete sources for one attempt (see the module docstring)."""
+
+    def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
+                 compression: str = "zstd", with_text: bool = True):
+        self.layout, self.attempt, self.run_id = layout, attempt, run_id
+        self.fingerprints = fingerprints
+        self.compression, self.with_text = compression, with_text
+        self.window = 0
+        self.counts: dict[str, int] = defaultdict(int)  # documents by status, units, results ok/failed
+        self.errors: dict[str, int] = defaultdict(int)  # documents by error type
+        self.shown: list[dict[str, Any]] = []  # the first SHOWN documents rows (no text), for the summary
+
+    def publish(self, sources: list[Complete]) -> WindowStats | None:
+        """Commit one window (nothing when `sources` is empty)."""
+        if not sources:
+            return None
+        self.window += 1
+        stem = f"{self.attempt}-w{self.window:05d}"
+        st = self.layout.storage
+        now = datetime.now(timezone.utc)
+        moved, rewrites = self._supersede(sources)
+        results_rows: list[dict[str, Any]] = []
+        doc_rows = []
+        for src in sources:
+            mine = moved.get(src.work.source_id, [])
+            results_rows.extend(mine)
+            results_rows.extend(src.rows)
+            doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine))
+        staged = self.layout.staging(self.attempt, f"w{self.window:05d}")
+        ops: list[list[str]] = []
+        # 1. stage
+        files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)
+        if results_rows:
+            files.append(("results", to_table(results_rows, RESULTS_SCHEMA), self.layout.data_file("results", stem)))
+        files.extend(r for r in rewrites if r[0] == "results")
+        files.append(("documents", to_table(doc_rows, DOCUMENTS_SCHEMA), self.layout.data_file("documents", stem)))
+        files.extend(r for r in rewrites if r[0] == "documents")
+        for i, (table, content, final) in enumerate(files):
+            if content is None or content.num_rows == 0:
+                ops.append(["delete", final])
+                continue
+            path = storage.join(staged, f"{i:04d}-{table}.parquet")
+            storage.write_bytes(path, _parquet_bytes(content, self.compression), st)
+            ops.append(["put", path, final])
+        _fault("staged")
+        # 2. decide
+        intent = {"version": 1, "attempt": self.attempt, "stem": stem, "staging": staged, "ops": ops,
+                  "sources": len(sources), "decided_at": now.isoformat()}
+        storage.write_bytes(self.layout.intent(stem), json.dumps(intent).encode(), st)
+        _fault("decided")
+        # 3. apply, 4. forget
+        apply(self.layout, intent)
+        for d in doc_rows:
+            if len(self.shown) < SHOWN:
+                self.shown.append({k: v for k, v in d.items() if k != "text"})
+            if d["error_type"]:
+                self.errors[d["error_type"]] += 1
+            self.counts[f"documents_{d['status']}"] += 1
+            self.counts["units"] += d["num_units"]
+            self.counts["results_ok"] += d["results_ok"]
+            self.counts["results_failed"] += d["results_failed"]
+        self.counts["windows"] += 1
+        return WindowStats(stem, len(sources), len(results_rows), len(rewrites))
+
+    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, pa.Table | None, str]]]:
+        """For re-published sources: their earlier rows of tasks not redone (moved into this window),
+        and the rewritten earlier files without them (None: nothing left, delete)."""
+        by_stem: dict[str, dict[str, tuple[str, ...]]] = defaultdict(dict)
+        for src in sources:
+            if src.work.prior is not None:
+                by_stem[src.work.prior.stem][src.work.source_id] = src.work.tasks
+        moved: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        rewrites: list[tuple[str, pa.Table | None, str]] = []
+        st = self.layout.storage
+        for old, redo in sorted(by_stem.items()):
+            ids = pa.array(sorted(redo), pa.string())
+            for table in ("results", "documents"):
+                uri = self.layout.data_file(table, old)
+                t = read_table(uri, st)
+                if t is None:
+                    continue
+                schema = RESULTS_SCHEMA if table == "results" else DOCUMENTS_SCHEMA
+                t = conform(t, schema)  # files of an older minor schema version gain the new columns
+                mask = pc.is_in(t.column("source_id"), value_set=ids)
+                if table == "results":
+                    for row in t.filter(mask).to_pylist():
+                        if row["task"] not in redo[row["source_id"]]:
+                            moved[row["source_id"]].append(row)
+                rest = t.filter(pc.invert(mask))
+                rewrites.append((table, rest if rest.num_rows else None, uri))
+        return moved, rewrites
+
+
+def apply(layout: Layout, intent: dict[str, Any]) -> None:
+    """Carry out a decided commit (idempotent: safe to repeat after a crash at any point)."""
+    st = layout.storage
+    for i, op in enumerate(intent["ops"]):
+        if op[0] == "put":
+            src, dst = op[1], op[2]
+            if storage.exists(src, st):
+                storage.move(src, dst, st)
+        elif op[0] == "delete":
+            storage.rm(op[1], st)
+        if i == 0:
+            _fault("applied-results")
+    _fault("applied")
+    storage.rm(layout.intent(intent["stem"]), st)
+    _fault("forgotten")
+    storage.rm(intent["staging"], st, recursive=True)
+
+
+def recover(layout: Layout) -> list[str]:
+    """Roll forward every decided commit a dead run left (in window order); return their stems."""
+    st = layout.storage
+    done = []
+    for uri in sorted(u for u in storage.list_files(layout.intents(), st) if u.endswith(".json")):
+        try:
+            intent = json.loads(storage.read_bytes(uri, st, max_bytes=64 * 2**20))
+        except FileNotFoundError:
+            continue
+        log.warning("rolling forward the commit %s left by attempt %s", intent["stem"], intent["attempt"])
+        apply(layout, intent)
+        done.append(intent["stem"])
+    return done
+
+
+def discard_staging(layout: Layout, keep: str) -> list[str]:
+    """Delete the staging directories of every attempt but `keep` (dead runs: call after `recover`)."""
+    st = layout.storage
+    root = layout.staging_root()
+    if not storage.exists(root, st):
+        return []
+    fs, path = storage.get_fs(root, st)
+    gone = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name and name != keep:
+            storage.rm(layout.staging(name), st, recursive=True)
+            gone.append(name)
+    return gone
