@@ -49,6 +49,23 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
     return row
 
 
+def end_marker(src: dict[str, Any], expected_rows: int) -> dict[str, Any]:
+    """The row that closes a source's units: it carries the number of result rows (unit x task) the
+    engine stage makes from them. It follows the source's last unit; blocks may reorder it."""
+    from schemas.records import EXPECTED_ROWS, MARKER_KIND
+
+    return _source_row(src, None, tasks=[], unit_kind=MARKER_KIND, **{EXPECTED_ROWS: expected_rows})
+
+
+def _result_rows(item: Any) -> int:
+    """Result rows the engine stage makes of a unit row (dict) or table: one per unit and task."""
+    if isinstance(item, dict):
+        return len(item["tasks"])
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(item.column("tasks"))).as_py() or 0)
+
+
 def _table(rows: list[dict[str, Any]]) -> "pa.Table":
     """Rows as an Arrow table whose pixels column views the frames' memory (see _pixels_column)."""
     from schemas.records import UNITS_SCHEMA, to_table
@@ -170,7 +187,7 @@ class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
     def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str,
-                 actor: bool = False):
+                 actor: bool = False, state_uri: str | None = None):
         """`actor`: this process is a preprocess actor of its own (Ray's), whose output Ray buffers per
         block: tune the process for that (pipeline/memory.py). Never in a caller's process (inspect)."""
         self.actor = actor
@@ -201,7 +218,9 @@ class ExpandSource:
             memory.freeze_long_lived_objects()
         out = _Output()
         for src in batch.to_pylist():
+            expected = 0
             for item, nbytes in self._expand(src):
+                expected += _result_rows(item)
                 # Few live page buffers: big pages go out alone, small units in groups.
                 if out.add(item, nbytes):
                     yield out.take()
@@ -209,6 +228,9 @@ class ExpandSource:
                 # that is freed first is reused, still in the CPU's cache (L3 is ~32 MB), where two
                 # live buffers make every render miss it (+15-30% per page, measured).
                 del item
+            # The source is complete downstream once this many result rows have come back
+            # (pipeline/collect.py): the driver can then publish it without waiting for the job.
+            out.add(end_marker(src, expected), 0)
         if out:
             yield out.take()
 
