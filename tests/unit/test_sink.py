@@ -1,76 +1,93 @@
-"""Commit protocol, documents aggregation and resume state, on a local output prefix."""
+"""Documents rows, the committed index and which tasks a rerun redoes (no Ray)."""
 
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
-
 from pipeline import sink
-from pipeline.config import StorageConfig
-from schemas.records import RESULTS_SCHEMA, SCHEMA_VERSION, to_table
+from pipeline.collect import Complete, Prior, SourceWork
+from pipeline.retry import RetryPolicy
+from schemas.records import DOCUMENTS_SCHEMA, SCHEMA_VERSION, to_table
 
 NOW = datetime(2026, 11, 22, tzinfo=timezone.utc)
+FPS = {"ocr": "fp-ocr", "video_caption": "fp-video_caption"}
 
 
-def _row(sid, unit, task, status, text="t", etype=None, media="pdf", flags=()):
+def row(sid, unit, task, status, text="t", etype=None, media="pdf", flags=()):
     return {"schema_version": SCHEMA_VERSION, "run_id": "r1", "source_uri": f"/in/{sid}", "source_id": sid,
-            "media_type": media, "unit_index": unit, "unit_kind": "page" if unit >= 0 else "source", "task": task,
-            "status": status, "error_type": etype, "error_message": etype and f"{etype} happened",
-            "text": text if status == "ok" else None, "flags": list(flags), "model": "m", "prompt_version": "v",
-            "fingerprint": f"fp-{task}", "created_at": NOW}
+            "media_type": media, "unit_index": unit, "unit_kind": "page" if unit >= 0 else "source",
+            "tile_index": None, "task": task, "status": status, "error_type": etype,
+            "error_message": etype and f"{etype} happened", "text": text if status == "ok" else None,
+            "flags": list(flags), "model": "m", "prompt_version": "v", "fingerprint": f"fp-{task}", "created_at": NOW}
 
 
-def _stage(layout, rows):
-    path = layout.staging("r1", "results")
-    import os
-
-    os.makedirs(path, exist_ok=True)
-    pq.write_table(to_table(rows, RESULTS_SCHEMA), f"{path}/r1-000000.parquet")
+def complete(sid, rows, tasks=("ocr", "video_caption"), prior=None, ok=True):
+    return Complete(SourceWork(f"/in/{sid}", sid, 10, tuple(tasks), prior), rows, len(rows), ok)
 
 
-def test_documents_commit_and_resume(tmp_path):
-    layout = sink.Layout(str(tmp_path / "out"), StorageConfig())
-    rows = [
-        _row("a", 0, "ocr", "ok", "page one"), _row("a", 1, "ocr", "ok", "page two"),
-        _row("b", 0, "ocr", "ok"), _row("b", 1, "ocr", "error", etype="page_render_failed", flags=["pdf_repaired"]),
-        _row("c", -1, "ocr", "error", etype="empty_file"),
-        _row("d", -1, "ocr", "skipped", etype="task_not_applicable", media="video"),
-        _row("f", 0, "ocr", "ok", flags=["pdf_repaired"]),
-    ]
-    _stage(layout, rows)
-    sources = [{"source_uri": f"/in/{s}", "source_id": s, "size": 10, "tasks": ["ocr", "video_caption"]}
-               for s in "abcdef"]
-    fps = {"ocr": "fp-ocr", "video_caption": "fp-video_caption"}
-    docs = {d["source_id"]: d for d in sink.build_documents(layout, "r1", sources, fps, with_text=True).to_pylist()}
+def doc(src, moved=()):
+    return sink.document_row(src, FPS, "a1", "r1", NOW, True, list(moved))
 
-    assert docs["a"]["status"] == "ok" and docs["a"]["num_units"] == 2 and docs["a"]["text"] == "page one\n\npage two"
-    assert docs["b"]["status"] == "partial" and docs["b"]["units_failed"] == 1 and docs["b"]["units_ok"] == 1
-    assert docs["b"]["error_type"] == "page_render_failed" and docs["b"]["flags"] == ["pdf_repaired"]
-    assert docs["c"]["status"] == "error" and docs["c"]["num_units"] == 0
-    assert docs["d"]["status"] == "skipped"
+
+def test_documents_rows_from_a_sources_rows():
+    a = doc(complete("a", [row("a", 0, "ocr", "ok", "page one"), row("a", 1, "ocr", "ok", "page two")]))
+    assert a["status"] == "ok" and a["num_units"] == 2 and a["text"] == "page one\n\npage two"
+    # tasks that do not apply (video_caption of a PDF) are committed too: no endless retries
+    assert a["committed"] == [{"task": "ocr", "fingerprint": "fp-ocr"},
+                              {"task": "video_caption", "fingerprint": "fp-video_caption"}]
+    b = doc(complete("b", [row("b", 0, "ocr", "ok"),
+                           row("b", 1, "ocr", "error", etype="page_render_failed", flags=["pdf_repaired"])]))
+    assert b["status"] == "partial" and b["units_failed"] == 1 and b["units_ok"] == 1
+    assert b["failures"] == [{"task": "ocr", "error_type": "page_render_failed", "count": 1}]
+    c = doc(complete("c", [row("c", -1, "ocr", "error", etype="empty_file")]))
+    assert c["status"] == "error" and c["num_units"] == 0
+    d = doc(complete("d", [row("d", -1, "ocr", "skipped", etype="task_not_applicable", media="video")]))
+    assert d["status"] == "skipped" and d["failures"] == []
     # a repaired PDF is never reported as plainly ok
-    assert docs["f"]["status"] == "partial" and docs["f"]["error_type"] == "pdf_repaired"
-    # a source with no rows at all is not lost silently
-    assert docs["e"]["status"] == "error" and docs["e"]["error_type"] == "lost"
-
-    # nothing is visible as output before the commit
-    assert sink.committed(layout) == {}
-    assert not (tmp_path / "out" / "results").exists()
-    table = sink.build_documents(layout, "r1", sources, fps, with_text=True)
-    files = sink.commit(layout, "r1", table, {"run_id": "r1"})
-    assert [f.rsplit("/", 1)[-1] for f in files] == ["r1-000000.parquet"]
-    assert (tmp_path / "out" / "runs" / "r1.json").exists()
-    assert not (tmp_path / "out" / "_staging" / "r1").exists()
-    assert pq.read_table(tmp_path / "out" / "results").num_rows == len(rows)
-
-    done = sink.committed(layout)
-    # tasks that did not apply to a source (video_caption of a PDF) are committed too: no endless retries
-    assert done["a"] == {"fp-ocr", "fp-video_caption"} and done["c"] == {"fp-ocr", "fp-video_caption"}
-    assert done["e"] == set()  # a lost source has no fingerprint: the next run retries it
+    f = doc(complete("f", [row("f", 0, "ocr", "ok", flags=["pdf_repaired"])]))
+    assert f["status"] == "partial" and f["error_type"] == "pdf_repaired"
+    to_table([a, b, c, d, f], DOCUMENTS_SCHEMA)  # every row fits the versioned schema
 
 
-def test_commit_with_no_work_writes_only_the_run_record(tmp_path):
-    layout = sink.Layout(str(tmp_path / "out"), StorageConfig())
-    empty = sink.build_documents(layout, "r2", [], {}, with_text=True)
-    assert sink.commit(layout, "r2", empty, {"run_id": "r2"}) == []
-    assert (tmp_path / "out" / "runs" / "r2.json").exists()
-    assert not (tmp_path / "out" / "documents").exists()
+def test_lost_and_incomplete_sources_commit_nothing_of_this_run():
+    e = doc(sink.lost(SourceWork("/in/e", "e", 1, ("ocr",))))
+    assert e["status"] == "error" and e["error_type"] == "lost" and e["committed"] == []
+    g = doc(complete("g", [row("g", 0, "ocr", "ok")], tasks=("ocr",), ok=False))
+    assert g["error_type"] == "lost_units" and g["status"] == "partial" and g["committed"] == []
+    assert "lost_units" in g["flags"]
+
+
+def test_redone_task_keeps_the_other_tasks_commitments():
+    prior = Prior("old", (("ocr", "fp-ocr"), ("caption", "fp-cap")))
+    moved = [row("h", 0, "caption", "ok")]
+    h = doc(complete("h", [row("h", 0, "ocr", "ok")], tasks=("ocr",), prior=prior), moved)
+    assert h["committed"] == [{"task": "caption", "fingerprint": "fp-cap"}, {"task": "ocr", "fingerprint": "fp-ocr"}]
+    assert h["results_ok"] == 2 and h["tasks"] == ["caption", "ocr"]
+
+
+def test_tasks_to_do_by_fingerprint_and_retry_policy():
+    fps = {"ocr": "fp1", "caption": "fp2"}
+    state = {"committed": [{"task": "ocr", "fingerprint": "fp1"}, {"task": "caption", "fingerprint": "fp2"}],
+             "failures": [{"task": "ocr", "error_type": "http_503", "count": 2},
+                          {"task": "caption", "error_type": "page_render_failed", "count": 1}]}
+    default = RetryPolicy()
+    assert sink.tasks_to_do(None, fps, default) == ["ocr", "caption"]
+    assert sink.tasks_to_do(state, fps, default) == ["ocr"]  # transient 503 redone, a bad page not
+    assert sink.tasks_to_do(state, fps, RetryPolicy.parse("page_render_failed")) == ["ocr", "caption"]
+    assert sink.tasks_to_do(state, {"ocr": "fp1", "caption": "other"}, default) == ["ocr", "caption"]
+    clean = {"committed": state["committed"], "failures": []}
+    assert sink.tasks_to_do(clean, fps, RetryPolicy.parse("all")) == []
+
+
+def test_committed_index_looks_up_in_chunks(tmp_path):
+    import pyarrow.parquet as pq
+
+    layout = sink.Layout(str(tmp_path / "out"), sink.StorageConfig())
+    (tmp_path / "out" / "documents").mkdir(parents=True)
+    rows = [doc(complete(s, [row(s, 0, "ocr", "ok")])) for s in ("a", "b", "c")]
+    pq.write_table(to_table(rows[:2], DOCUMENTS_SCHEMA), tmp_path / "out" / "documents" / "x-w00001.parquet")
+    pq.write_table(to_table(rows[2:], DOCUMENTS_SCHEMA), tmp_path / "out" / "documents" / "y-w00001.parquet")
+    index = sink.CommittedIndex.load(layout)
+    assert len(index) == 3
+    found = index.lookup(["c", "zz", "a"])
+    assert set(found) == {"a", "c"} and found["c"]["stem"] == "y-w00001" and found["a"]["stem"] == "x-w00001"
+    assert sink.prior_of(found["a"]).committed == (("ocr", "fp-ocr"), ("video_caption", "fp-video_caption"))
+    assert len(sink.CommittedIndex.load(sink.Layout(str(tmp_path / "none"), sink.StorageConfig()))) == 0
