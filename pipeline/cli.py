@@ -10,30 +10,16 @@ import sys
 from pipeline.config import ConfigError
 
 
-#: Exit status of a run stopped by a signal: 128 + the signal's number (130 SIGINT, 143 SIGTERM).
-EXIT_FAILED = 1
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    import signal
-
     from pipeline.config import load_job
     from pipeline.model_source import ModelUnavailable
     from pipeline.report import render
     from pipeline.retry import RetryPolicy
-    from pipeline.run import StopRequest, run_job
+    from pipeline.run import run_job
+    from pipeline.stop import StopRequest
 
     stop = StopRequest()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if stop.is_set():  # a second Ctrl-C: stop now, without publishing the window in progress
-            raise KeyboardInterrupt
-        logging.getLogger("cpmv").warning(
-            "%s: stopping; publishing the sources completed so far (send it again to stop at once)",
-            signal.Signals(signum).name)
-        stop.set(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop.install()
     try:
         job = load_job(args.job, args.set)
         summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop)
@@ -42,14 +28,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print("cpmv: stopped at once; the next run rolls forward or redoes what this one left", file=sys.stderr)
-        return 128 + (stop.signal or signal.SIGINT)
+        return stop.exit_code()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.restore()
     print(render(summary))
     if summary.status == "interrupted":
-        return 128 + (stop.signal or signal.SIGINT)
-    return EXIT_FAILED if summary.status == "failed" else 0
+        return stop.exit_code()
+    return 1 if summary.status == "failed" else 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

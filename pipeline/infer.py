@@ -177,7 +177,7 @@ class InferStage:
         in this actor, at most MAX_ENGINE_REBUILDS times per actor, before the retries.
         """
         try:
-            replies = self.engine.generate(requests)
+            replies = self._call_engine(requests)
             if len(replies) != len(requests):
                 raise RuntimeError(f"engine returned {len(replies)} replies for {len(requests)} requests")
             return replies
@@ -194,7 +194,7 @@ class InferStage:
             if self._engine_dead():
                 break  # no rebuild left: fail fast instead of waiting on a dead engine
             try:
-                (reply,) = self.engine.generate([request])
+                (reply,) = self._call_engine([request])
                 return reply
             except Exception as e:  # noqa: BLE001
                 err = e
@@ -202,6 +202,10 @@ class InferStage:
         if err is None:
             return Reply(error_type="engine_error", error_message="engine died and could not be rebuilt")
         return Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}")
+
+    def _call_engine(self, requests: list[Request]) -> list[Reply]:
+        _count_calls(requests)
+        return self.engine.generate(requests)
 
     def _engine_dead(self) -> bool:
         return bool(getattr(self.engine, "dead", False))
@@ -263,6 +267,23 @@ class InferStage:
         }
         row.update(extra)
         return row
+
+
+#: Test and benchmark hook: a file to which every engine call appends one line per request (one
+#: O_APPEND write, atomic across actors), so resume tests can count the engine's work.
+CALL_LOG_ENV = "CPMV_ENGINE_CALL_LOG"
+
+
+def _count_calls(requests: list[Request]) -> None:
+    import os
+
+    path = os.environ.get(CALL_LOG_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode() * len(requests))
+        finally:
+            os.close(fd)
 
 
 def _context_limit(job: JobConfig, engine: str, model_dir: "Path | None") -> int | None:

@@ -23,11 +23,14 @@ from typing import Any
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.retry import RetryPolicy
+from pipeline.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
 #: Sources looked up in the committed index at a time (bounds the driver's transient memory).
 LOOKUP_CHUNK = 10_000
+#: After a stop request, how long the driver waits for the block being computed before it stops Ray.
+STOP_GRACE_S = 15.0
 
 
 @dataclass
@@ -44,21 +47,6 @@ class RunSummary:
     errors: dict[str, int] = field(default_factory=dict)  # documents by error type
     retried: dict[str, int] = field(default_factory=dict)  # re-run sources by the error type that made them
     message: str | None = None  # why a run failed or stopped
-
-
-class StopRequest:
-    """A flag the driver loop polls: set by the CLI's SIGINT/SIGTERM handlers (or a test)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal: int | None = None
-
-    def set(self, signum: int | None = None) -> None:
-        self.signal = signum
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
 
 
 def new_attempt(job: JobConfig) -> tuple[str, str]:
@@ -157,7 +145,8 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
             elif stop.is_set():
                 summary.status = "interrupted"
         except BaseException as err:  # noqa: BLE001 - the record says how the run ended, then it re-raises
-            summary.status, summary.message = "failed", f"{type(err).__name__}: {err}"
+            summary.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            summary.message = f"{type(err).__name__}: {err}"
             _finish(layout, record, summary, publisher, t_start, t_plan, work)
             raise
         _finish(layout, record, summary, publisher, t_start, t_plan, work)
@@ -235,6 +224,7 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     from pipeline.sink import lost
 
     resources.init_ray(job)
+    stop.reassert()  # ray.init replaces the SIGTERM handler
     cluster = resources.cluster_resources()
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
@@ -262,7 +252,8 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
         except BaseException as err:  # noqa: BLE001 - handed to the driver loop, which decides
             blocks.put(err)
 
-    threading.Thread(target=produce, name="cpmv-results", daemon=True).start()
+    producer = threading.Thread(target=produce, name="cpmv-results", daemon=True)
+    producer.start()
     collector = Collector(work)
     window: list[Any] = []
     units = rows = 0
@@ -303,6 +294,9 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
         log.error("the pipeline failed: %s; published sources stay, the rest is redone by the next run",
                   summary.message)
     if summary.status != "complete":
+        # Let the producer close Ray Data's iterator (it stops the plan's executor) before Ray goes:
+        # Ray Data threads that outlive Ray would start a new Ray instance to report their stats.
+        producer.join(timeout=STOP_GRACE_S)
         _stop_ray()
     return engine
 
