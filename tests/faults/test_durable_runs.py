@@ -186,3 +186,46 @@ def test_fixed_run_id_never_overwrites_earlier_runs(env_dir):
     assert len({d["attempt"] for d in docs}) == 3  # three attempts, each in its own files
     assert len(records(tmp)) == 3
     assert calls(tmp) == (N_PDFS + 2) * PAGES  # nothing redone
+
+
+def test_transient_errors_are_retried_by_the_next_run_permanent_ones_on_request(env_dir):
+    """Run 1's engine is an HTTP server that is down (connection errors: transient); run 2 has a
+    working engine and redoes exactly those sources; an empty file (permanent) is redone only with
+    --retry-errors."""
+    import socket
+
+    tmp, env = env_dir
+    (tmp / "corpus" / "empty.pdf").write_bytes(b"")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = ["--set", "engine.kind=openai", "--set", f"engine.openai.base_url=http://127.0.0.1:{port}",
+            "--set", "engine.openai.max_retries=0", "--set", "model.family=minicpmv4_6"]
+    first = cpmv(tmp, env, *down)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results, docs = output(tmp)
+    assert {r["error_type"] for r in results if r["source_uri"].endswith("doc000.pdf")} == {"connection_error"}
+    assert calls(tmp) == N_PDFS * PAGES  # one failed request per page
+
+    second = cpmv(tmp, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{N_PDFS} re-run (connection_error x{N_PDFS})" in second.stdout, second.stdout
+    results, docs = output(tmp)
+    mine = [r for r in results if not r["source_uri"].endswith("empty.pdf")]
+    keys = Counter((r["source_id"], r["unit_index"], r["tile_index"], r["task"]) for r in mine)
+    assert max(keys.values()) == 1 and len(keys) == N_PDFS * PAGES
+    assert all(r["status"] == "ok" for r in mine)
+    empty = [d for d in docs if d["source_uri"].endswith("empty.pdf")]
+    assert len(empty) == 1 and empty[0]["error_type"] == "empty_file" and len(docs) == N_PDFS + 1
+    rec = sorted(records(tmp), key=lambda r: r["started_at"])[-1]
+    assert rec["retried"] == {"connection_error": N_PDFS} and rec["counts"]["retried_sources"] == N_PDFS
+
+    third = cpmv(tmp, env)  # nothing transient left: the empty file's permanent error stays committed
+    assert "0 processed" in third.stdout, third.stdout
+    fourth = cpmv(tmp, env, "--retry-errors", "empty_file")
+    assert "1 processed" in fourth.stdout and "empty_file x1" in fourth.stdout, fourth.stdout
+    _, docs = output(tmp)
+    empty = [d for d in docs if d["source_uri"].endswith("empty.pdf")]
+    latest = sorted(records(tmp), key=lambda r: r["started_at"])[-1]
+    assert len(empty) == 1 and empty[0]["attempt"] == latest["attempt"]  # re-published by the fourth run
+    assert len(docs) == N_PDFS + 1
