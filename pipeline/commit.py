@@ -79,17 +79,46 @@ class Publisher:
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
-        self.window = 0
+        self.window = 0  # windows published
+        self._decided: tuple[dict[str, Any], WindowStats, list[dict[str, Any]]] | None = None  # staged, not applied
         self.counts: dict[str, int] = defaultdict(int)  # documents by status, units, results ok/failed
         self.errors: dict[str, int] = defaultdict(int)  # documents by error type
         self.shown: list[dict[str, Any]] = []  # the first SHOWN documents rows (no text), for the summary
 
     def publish(self, sources: list[Complete]) -> WindowStats | None:
-        """Commit one window (nothing when `sources` is empty)."""
+        """Commit one window (nothing when `sources` is empty).
+
+        Safe to call again with the same window after it raised (the store failed): a window staged
+        before the failure is not staged again, and a decided one is finished, never decided twice
+        (its intent is rewritten with the same content, and every operation is idempotent).
+        """
         if not sources:
             return None
+        if self._decided is None:
+            self._decided = self._stage(sources, self.window + 1)
+        intent, stats, doc_rows = self._decided
+        # 2. decide
+        storage.write_bytes(self.layout.intent(intent["stem"]), json.dumps(intent).encode(), self.layout.storage)
+        _fault("decided")
+        # 3. apply, 4. forget
+        apply(self.layout, intent)
+        self._decided = None
         self.window += 1
-        stem = f"{self.attempt}-w{self.window:05d}"
+        for d in doc_rows:
+            if len(self.shown) < SHOWN:
+                self.shown.append({k: v for k, v in d.items() if k != "text"})
+            if d["error_type"]:
+                self.errors[d["error_type"]] += 1
+            self.counts[f"documents_{d['status']}"] += 1
+            self.counts["units"] += d["num_units"]
+            self.counts["results_ok"] += d["results_ok"]
+            self.counts["results_failed"] += d["results_failed"]
+        self.counts["windows"] += 1
+        return stats
+
+    def _stage(self, sources: list[Complete], window: int) -> tuple[dict[str, Any], WindowStats, list[dict[str, Any]]]:
+        """Step 1: write the window's files under staging; return the intent that publishes them."""
+        stem = f"{self.attempt}-w{window:05d}"
         st = self.layout.storage
         now = datetime.now(timezone.utc)
         moved, rewrites = self._supersede(sources)
@@ -100,9 +129,8 @@ class Publisher:
             results_rows.extend(mine)
             results_rows.extend(src.rows)
             doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine))
-        staged = self.layout.staging(self.attempt, f"w{self.window:05d}")
+        staged = self.layout.staging(self.attempt, f"w{window:05d}")
         ops: list[list[str]] = []
-        # 1. stage
         files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)
         if results_rows:
             files.append(("results", to_table(results_rows, RESULTS_SCHEMA), self.layout.data_file("results", stem)))
@@ -117,24 +145,9 @@ class Publisher:
             storage.write_bytes(path, _parquet_bytes(content, self.compression), st)
             ops.append(["put", path, final])
         _fault("staged")
-        # 2. decide
         intent = {"version": 1, "attempt": self.attempt, "stem": stem, "staging": staged, "ops": ops,
                   "sources": len(sources), "decided_at": now.isoformat()}
-        storage.write_bytes(self.layout.intent(stem), json.dumps(intent).encode(), st)
-        _fault("decided")
-        # 3. apply, 4. forget
-        apply(self.layout, intent)
-        for d in doc_rows:
-            if len(self.shown) < SHOWN:
-                self.shown.append({k: v for k, v in d.items() if k != "text"})
-            if d["error_type"]:
-                self.errors[d["error_type"]] += 1
-            self.counts[f"documents_{d['status']}"] += 1
-            self.counts["units"] += d["num_units"]
-            self.counts["results_ok"] += d["results_ok"]
-            self.counts["results_failed"] += d["results_failed"]
-        self.counts["windows"] += 1
-        return WindowStats(stem, len(sources), len(results_rows), len(rewrites))
+        return intent, WindowStats(stem, len(sources), len(results_rows), len(rewrites)), doc_rows
 
     def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, pa.Table | None, str]]]:
         """For re-published sources: their earlier rows of tasks not redone (moved into this window),

@@ -148,6 +148,32 @@ class S3Server:
         except OSError:
             return "(no log)"
 
+    def crash(self) -> None:
+        """FAULT INJECTION: kill the server (SIGKILL, whole group) and keep its data, as a crashed or
+        restarting S3 endpoint; `start_again` brings it back on the same ports with the same data."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait(timeout=10)
+        _remove_grpc_sockets(self.ports)
+
+    def start_again(self, timeout: float = 60.0) -> None:
+        """Restart a crashed server on its ports, over its data (see `crash`)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
+                   TMPDIR=str(self.root / "tmp"))
+        for sock in ("f.sock", "s.sock"):
+            (self.root / sock).unlink(missing_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            _command(weed_binary(), self.root, self.ports), cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        log.close()
+        self._client = None
+        _wait_ready(self, timeout)
+
     def stop(self) -> None:
         """Kill the server's whole process group and delete its files; safe to call twice."""
         # SIGKILL, not SIGTERM: the data is thrown away, and a graceful stop takes ~4 s. The whole

@@ -121,3 +121,32 @@ def test_recover_and_discard_are_idempotent(tmp_path):
     assert commit.recover(layout) == []
     assert commit.discard_staging(layout, keep="x") == ["dead"]
     assert commit.discard_staging(layout, keep="x") == []
+
+
+def test_a_window_that_failed_while_applying_is_finished_not_published_twice(tmp_path, monkeypatch):
+    """MOCK at the store boundary: the second move of a window raises, as an S3 outage would."""
+    from pipeline import storage
+    from tests.commit_driver import rows_for, source_id
+    from pipeline.collect import Complete, SourceWork
+
+    out = tmp_path / "out"
+    layout = sink.Layout(str(out), StorageConfig())
+    pub = commit.Publisher(layout, "a1", "a1", FPS)
+    window = [Complete(SourceWork(f"/in/{i}", source_id(i), 1, ("ocr", "caption")),
+                       rows_for(source_id(i), ("ocr", "caption"), "a1", False), UNITS) for i in range(N)]
+    real_move, moves = storage.move, []
+
+    def failing_move(src, dst, st):
+        moves.append(dst)
+        if len(moves) == 2:
+            raise ConnectionError("endpoint down")
+        real_move(src, dst, st)
+
+    monkeypatch.setattr(storage, "move", failing_move)
+    with pytest.raises(ConnectionError):
+        pub.publish(window)
+    assert len(list((out / "_commits").glob("*.json"))) == 1  # decided, half applied
+    stats = pub.publish(window)  # the driver's retry
+    assert stats.stem == "a1-w00001" and pub.window == 1
+    assert not list((out / "_commits").glob("*.json"))
+    assert_exactly_once(*readers_view(local_reader(out)))
