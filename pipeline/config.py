@@ -92,6 +92,24 @@ class LimitsConfig(_Model):
     max_pages: int = Field(2000, ge=1, description="Most pages expanded from one PDF; later pages become error rows.")
     max_video_seconds: float = Field(4 * 3600.0, gt=0, description="Longest video accepted, in seconds.")
     max_frames: int = Field(512, ge=1, description="Most frames sampled from one video in total.")
+    source_timeout_s: float = Field(
+        600.0, gt=0, description="Time one source's expansion may take (default 600 s; time spent waiting for the "
+        "pipeline to take its output is not counted). Past it, the next unit and every later one become one error "
+        "row `source_timeout` at that unit; in a run, a unit still running 5% (at least 1 s) past it has its "
+        "preprocess worker stopped, with the same row on the retry."
+    )
+    page_timeout_s: float = Field(
+        60.0, gt=0, description="Time one PDF page's planning (display list, text layer) or rendering may take, and "
+        "one image frame's decoding (default 60 s). Past it, in a run, the preprocess worker is stopped (MuPDF and "
+        "Pillow cannot be interrupted otherwise) and the unit becomes an error row `page_timeout`: the rest of a PDF goes "
+        "on, a multi-frame image ends there. Video clips have only `source_timeout_s` (decoding time grows with "
+        "`video.clip_seconds`)."
+    )
+    max_worker_memory_mb: int = Field(
+        8192, ge=1, description="Resident memory (RSS, MiB) a preprocess worker may reach while it expands a source "
+        "(default 8192). Past it the worker is stopped and replaced, and the unit it was on becomes an error row "
+        "`worker_memory` (a PDF goes on with its next page)."
+    )
 
 
 class PdfConfig(_Model):
