@@ -103,6 +103,14 @@ class Collector:
                 done.append(self._close(sid))
         return done
 
+    def is_done(self, source_id: str) -> bool:
+        """Whether every row of the source has arrived (it is published or waits in a window)."""
+        return source_id in self._done
+
+    def forget_open(self) -> None:
+        """Drop the rows of sources still in flight (their plan failed; a new plan redoes them whole)."""
+        self._open.clear()
+
     def in_flight(self) -> int:
         return len(self._open)
 

@@ -327,6 +327,11 @@ class RayConfig(_Model):
         None, description="Existing cluster (`auto`, ray://host:10001); unset starts a local one. Falls back to RAY_ADDRESS."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster; unset uses the machine's.")
+    plan_restarts: int = Field(
+        2, ge=0, description="Times a run rebuilds its Ray Data plan for the sources not yet complete after the "
+        "plan failed (an engine actor out of restarts, a task Ray gave up on); complete sources are kept. Then the "
+        "run ends as `failed` and the next run redoes the rest."
+    )
     preprocess_concurrency: int | None = Field(
         None, ge=1, description="CPU actors that expand and preprocess sources; unset sizes it from the cluster."
     )

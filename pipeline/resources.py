@@ -89,10 +89,13 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
         "num_cpus": e.cpus_per_replica,
         "batch_size": e.batch_size,
     }
-    # A dead engine process is restarted and its task retried, a bounded number of times (Ray Data's
-    # default is forever, so an input that kills the process every time would loop).
+    # A dead engine process is restarted a bounded number of times (Ray Data's default is forever,
+    # so an input that kills the process every time would loop). Its tasks are retried without a
+    # count of their own: while a lost node is being declared dead (~15 s) every call fails fast
+    # as "actor unavailable", which burnt a small retry budget in a second and failed the run
+    # (tests/faults/test_durable_runs.py); the restart bound still ends a crash loop.
     infer["max_restarts"] = e.max_restarts
-    infer["max_task_retries"] = e.max_restarts
+    infer["max_task_retries"] = -1
     if engine == "vllm":
         # Overlapping batches in each engine actor (pipeline/infer_async.py): enough calls in flight
         # to keep vLLM's scheduler full, so the engine never drains at a batch's longest reply.

@@ -214,13 +214,16 @@ _END = object()
 def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, engine: str | None,
             tasks: dict[str, Any], fps: dict[str, str], attempt: str, layout: Any, publisher: Any,
             summary: RunSummary, stop: StopRequest) -> str:
-    """Run the plan and publish complete sources in windows; returns the engine kind used."""
+    """Run the plan and publish complete sources in windows; returns the engine kind used.
+
+    When the plan fails (an engine actor out of restarts, Ray Data giving up on a task), the
+    sources already complete stay and the plan is rebuilt for the others, `ray.plan_restarts`
+    times, before the run ends as `failed`.
+    """
     from pipeline import resources
     from pipeline.collect import Collector
     from pipeline.engines.factory import check_job, resolve_kind
-    from pipeline.graph import build_plan
     from pipeline.infer import RunContext
-    from pipeline.models import get_family, pixel_budget
     from pipeline.sink import lost
 
     resources.init_ray(job)
@@ -229,12 +232,77 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)
-    plan = resources.plan_stages(job, len(work), cluster, engine)
-    spec = get_family(family)
+    collector = Collector(work)
+    window = _Window(publisher, job.output, summary)
+    remaining = dict(work)
+    for restart in range(job.ray.plan_restarts + 1):
+        failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop)
+        if failure is None or stop.is_set():
+            break
+        remaining = {sid: w for sid, w in remaining.items() if not collector.is_done(sid)}
+        summary.counts["plan_restarts"] = restart + 1
+        if restart < job.ray.plan_restarts and remaining:
+            log.error("the pipeline failed (%s); rebuilding it for the %d sources not yet complete (%d of %d "
+                      "restarts)", _short(failure), len(remaining), restart + 1, job.ray.plan_restarts)
+            collector.forget_open()
+            continue
+        summary.status, summary.message = "failed", _short(failure)
+        log.error("the pipeline failed: %s; published sources stay, the rest is redone by the next run",
+                  summary.message)
+    if stop.is_set():
+        summary.status = "interrupted"
+    if summary.status == "complete":
+        window.add(collector.drain())
+        window.add([lost(w) for w in collector.never_seen()])
+    summary.counts["duplicates_dropped"] = collector.duplicates
+    summary.counts["unpublished_in_flight"] = collector.in_flight()
+    window.flush()
+    if summary.status != "complete":
+        _stop_ray()
+    return engine
+
+
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:500]}"
+
+
+class _Window:
+    """Complete sources waiting for the next commit, and when to commit them."""
+
+    def __init__(self, publisher: Any, out: Any, summary: RunSummary):
+        self.publisher, self.out, self.summary = publisher, out, summary
+        self.sources: list[Any] = []
+        self.units = self.rows = 0
+        self.opened = time.monotonic()
+
+    def add(self, sources: list[Any]) -> None:
+        for src in sources:
+            self.sources.append(src)
+            self.units += src.units
+            self.rows += len(src.rows)
+
+    def due(self) -> bool:
+        o = self.out
+        return bool(self.sources) and (self.units >= o.commit_every_units or self.rows >= o.rows_per_file
+                                       or time.monotonic() - self.opened >= o.commit_every_s)
+
+    def flush(self) -> None:
+        _publish(self.publisher, self.sources, self.out.commit_retry_s, self.summary)
+        self.sources, self.units, self.rows, self.opened = [], 0, 0, time.monotonic()
+
+
+def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str, float], attempt: str,
+              layout: Any, collector: Any, window: _Window, stop: StopRequest) -> BaseException | None:
+    """One Ray Data plan over `work`, its output consumed on the driver; the plan's failure or None."""
+    from pipeline import resources
+    from pipeline.graph import build_plan
+    from pipeline.models import get_family, pixel_budget
+
+    plan = resources.plan_stages(job, len(work), cluster, ctx.engine)
+    spec = get_family(ctx.family)
     budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
     ds = build_plan(job, [w.item() for w in work.values()], ctx, plan, budget,
                     state_uri=layout.staging(attempt, "timeouts"))
-
     blocks: queue.Queue = queue.Queue(maxsize=8)
 
     def produce() -> None:
@@ -254,16 +322,8 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
 
     producer = threading.Thread(target=produce, name="cpmv-results", daemon=True)
     producer.start()
-    collector = Collector(work)
-    window: list[Any] = []
-    units = rows = 0
-    last = time.monotonic()
-    out = job.output
     failure: BaseException | None = None
-    while True:
-        if stop.is_set():
-            summary.status = "interrupted"
-            break
+    while not stop.is_set():
         try:
             item = blocks.get(timeout=0.5)
         except queue.Empty:
@@ -274,31 +334,14 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
             failure = item
             break
         if item is not None:
-            for src in collector.add(item):
-                window.append(src)
-                units += src.units
-                rows += len(src.rows)
-        if window and (units >= out.commit_every_units or rows >= out.rows_per_file
-                       or time.monotonic() - last >= out.commit_every_s):
-            _publish(publisher, window, out.commit_retry_s, summary)
-            window, units, rows, last = [], 0, 0, time.monotonic()
-    if failure is None and summary.status == "complete":
-        window += collector.drain()
-        window += [lost(w) for w in collector.never_seen()]
-    summary.counts["duplicates_dropped"] = collector.duplicates
-    summary.counts["unpublished_in_flight"] = collector.in_flight()
-    _publish(publisher, window, out.commit_retry_s, summary)
-    if failure is not None:
-        summary.status = "failed"
-        summary.message = f"{type(failure).__name__}: {failure}"
-        log.error("the pipeline failed: %s; published sources stay, the rest is redone by the next run",
-                  summary.message)
-    if summary.status != "complete":
-        # Let the producer close Ray Data's iterator (it stops the plan's executor) before Ray goes:
+            window.add(collector.add(item))
+        if window.due():
+            window.flush()
+    if stop.is_set() or failure is not None:
+        # Let the producer close Ray Data's iterator (it stops the plan's executor) before going on:
         # Ray Data threads that outlive Ray would start a new Ray instance to report their stats.
         producer.join(timeout=STOP_GRACE_S)
-        _stop_ray()
-    return engine
+    return failure
 
 
 def _publish(publisher: Any, window: list[Any], retry_s: float, summary: RunSummary) -> None:

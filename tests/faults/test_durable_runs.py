@@ -257,3 +257,60 @@ def test_s3_server_restart_mid_run_is_ridden_out(env_dir, s3_server):
     assert_exactly_once(tmp)
     (rec,) = records(tmp)
     assert rec["status"] == "complete"
+
+
+def test_engine_node_killed_on_a_3_node_cluster(env_dir):
+    """The worker node that runs the engine actor is removed mid-run (its raylet and workers die);
+    Ray restarts the actor on the other node and the run completes exactly once."""
+    tmp, env = env_dir
+    d = tmp / "cluster"
+    d.mkdir()
+    cluster = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", str(d)], env=env, cwd=ROOT,
+                               stdout=open(tmp / "cluster.log", "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (d / "address").exists():
+            assert cluster.poll() is None and time.monotonic() < deadline, (tmp / "cluster.log").read_text()[-3000:]
+            time.sleep(0.2)
+        proc = start(tmp, {**env, "RAY_ADDRESS": (d / "address").read_text()})
+        wait_for_windows(tmp / "out", 1, proc)
+        (d / "kill-engine-node").touch()
+        deadline = time.monotonic() + 60
+        while not (d / "killed").exists():
+            assert time.monotonic() < deadline, "the engine node was not found"
+            time.sleep(0.2)
+        rc = proc.wait(timeout=600)
+        log = next(iter(sorted(tmp.glob("run-*.log")))).read_text()
+        assert rc == 0, log[-4000:]
+    finally:
+        (d / "stop").touch()
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cluster.pid, signal.SIGKILL)
+    assert_exactly_once(tmp)
+    (rec,) = records(tmp)
+    assert rec["status"] == "complete"
+
+
+def test_engine_actor_out_of_restarts_rebuilds_the_plan_for_the_rest(env_dir):
+    """The engine actor's process is killed with engine.max_restarts 0: Ray Data gives up on the
+    plan; the run keeps what is complete and rebuilds the plan for the rest (ray.plan_restarts)."""
+    import psutil
+
+    tmp, env = env_dir
+    proc = start(tmp, env, "--set", "engine.max_restarts=0")
+    wait_for_windows(tmp / "out", 1, proc)
+    engines = [p for p in psutil.process_iter(["pid", "cmdline"])
+               if "MapBatches(InferStage)" in " ".join(p.info["cmdline"] or [])]
+    assert engines
+    for p in engines:
+        p.kill()
+    rc = proc.wait(timeout=600)
+    log = next(iter(sorted(tmp.glob("run-*.log")))).read_text()
+    assert rc == 0, log[-4000:]
+    assert "rebuilding it for the" in log
+    assert_exactly_once(tmp)
+    (rec,) = records(tmp)
+    assert rec["status"] == "complete" and rec["counts"]["plan_restarts"] == 1
