@@ -190,7 +190,7 @@ def _plan_work(job: JobConfig, layout: Any, fps: dict[str, str], retry: RetryPol
         chunk = sources[i:i + LOOKUP_CHUNK]
         states = index.lookup([s.source_id for s in chunk])
         for s in chunk:
-            state = states.get(s.source_id)
+            state = sink.with_legacy_commitments(states.get(s.source_id), fps)
             need = sink.tasks_to_do(state, fps, retry)
             if not need:
                 continue

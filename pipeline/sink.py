@@ -100,17 +100,22 @@ class CommittedIndex:
 
     @classmethod
     def load(cls, layout: Layout) -> "CommittedIndex":
-        cols = ["source_id", "committed", "failures"]
+        schema = pa.schema([pa.field("source_id", pa.string()), DOCUMENTS_SCHEMA.field("committed"),
+                            DOCUMENTS_SCHEMA.field("failures"), DOCUMENTS_SCHEMA.field("fingerprints")])
         parts = []
         for uri in parquet_files(layout.table_dir("documents"), layout.storage):
-            t = read_table(uri, layout.storage, cols)
-            if t is not None and t.num_rows:
-                parts.append(t.append_column("stem", pa.array([stem_of(uri)] * t.num_rows, pa.string())
-                                             .dictionary_encode()))
+            fs, path = storage.pyarrow_fs(uri, layout.storage)
+            names = pq.read_schema(path, filesystem=fs).names
+            # Files of schema 1.1 have no `committed`/`failures`: read what is there, nulls for the rest.
+            t = read_table(uri, layout.storage, [n for n in schema.names if n in names])
+            if t is None or not t.num_rows:
+                continue
+            t = pa.table({f.name: t.column(f.name).cast(f.type) if f.name in t.column_names
+                          else pa.nulls(t.num_rows, f.type) for f in schema})
+            parts.append(t.append_column("stem", pa.array([stem_of(uri)] * t.num_rows, pa.string())
+                                         .dictionary_encode()))
         if not parts:
-            empty = pa.schema([pa.field("source_id", pa.string()), DOCUMENTS_SCHEMA.field("committed"),
-                               DOCUMENTS_SCHEMA.field("failures"),
-                               pa.field("stem", pa.dictionary(pa.int32(), pa.string()))])
+            empty = schema.append(pa.field("stem", pa.dictionary(pa.int32(), pa.string())))
             return cls(empty.empty_table())
         return cls(pa.concat_tables(parts, promote_options="permissive").combine_chunks())
 
@@ -129,11 +134,21 @@ class CommittedIndex:
         return {sid: row for (sid, _), row in zip(hits, rows)}
 
 
+def with_legacy_commitments(state: dict[str, Any] | None, fingerprints: dict[str, str]) -> dict[str, Any] | None:
+    """A state read from a schema-1.1 documents row (fingerprints without their tasks), with the
+    `committed` entries this job's fingerprints give it; newer states pass through unchanged."""
+    if state is None or state.get("committed") is not None:
+        return state
+    have = set(state.get("fingerprints") or [])
+    return {**state, "committed": [{"task": t, "fingerprint": fp} for t, fp in fingerprints.items() if fp in have]}
+
+
 def tasks_to_do(state: dict[str, Any] | None, fingerprints: dict[str, str], retries) -> list[str]:
     """The tasks a source needs from this run: those not committed at this fingerprint, and those
     whose committed rows hold an error type `retries` (a RetryPolicy) says to redo."""
     if state is None:
         return list(fingerprints)
+    state = with_legacy_commitments(state, fingerprints)
     committed = {(c["task"], c["fingerprint"]) for c in state["committed"] or []}
     failed = {f["task"] for f in state["failures"] or [] if retries.retries(f["error_type"])}
     return [t for t, fp in fingerprints.items() if (t, fp) not in committed or t in failed]

@@ -91,3 +91,18 @@ def test_committed_index_looks_up_in_chunks(tmp_path):
     assert set(found) == {"a", "c"} and found["c"]["stem"] == "y-w00001" and found["a"]["stem"] == "x-w00001"
     assert sink.prior_of(found["a"]).committed == (("ocr", "fp-ocr"), ("video_caption", "fp-video_caption"))
     assert len(sink.CommittedIndex.load(sink.Layout(str(tmp_path / "none"), sink.StorageConfig()))) == 0
+
+
+def test_documents_of_schema_1_1_still_resume(tmp_path):
+    """An output prefix written before 1.2 (no `committed`): its fingerprints still count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "out" / "documents").mkdir(parents=True)
+    old = pa.table({"source_id": ["a"], "fingerprints": [["fp-ocr", "fp-video_caption"]], "status": ["ok"]})
+    pq.write_table(old, tmp_path / "out" / "documents" / "r0.parquet")
+    index = sink.CommittedIndex.load(sink.Layout(str(tmp_path / "out"), sink.StorageConfig()))
+    state = index.lookup(["a"])["a"]
+    assert state["committed"] is None
+    assert sink.tasks_to_do(state, FPS, RetryPolicy()) == []
+    assert sink.tasks_to_do(state, {**FPS, "caption": "fp-cap"}, RetryPolicy()) == ["caption"]
