@@ -25,7 +25,7 @@ def source_id(i: int) -> str:
     return f"{i:032x}"
 
 
-def rows_for(sid: str, tasks: tuple[str, ...], attempt: str, fail: bool) -> list[dict]:
+def rows_for(sid: str, tasks: tuple[str, ...], attempt: str, fail: bool, fps: dict[str, str] = FPS) -> list[dict]:
     """Rows of one source; with `fail`, its ocr rows are transient engine errors."""
     now = datetime.now(timezone.utc)
     out = []
@@ -37,13 +37,13 @@ def rows_for(sid: str, tasks: tuple[str, ...], attempt: str, fail: bool) -> list
                 "source_id": sid, "media_type": "pdf", "unit_index": unit, "unit_kind": "page", "tile_index": None,
                 "task": task, "status": "error" if bad else "ok", "error_type": "engine_error" if bad else None,
                 "error_message": "engine died" if bad else None, "text": None if bad else f"{sid}/{unit}/{task}",
-                "flags": [], "model": "m", "prompt_version": "v1", "fingerprint": FPS[task], "created_at": now,
+                "flags": [], "model": "m", "prompt_version": "v1", "fingerprint": fps[task], "created_at": now,
             })
     return out
 
 
 def publish_run(root: str, attempt: str, n_sources: int, fail_every: int = 0, window: int = 4,
-                store: StorageConfig | None = None) -> dict[str, int]:
+                store: StorageConfig | None = None, fps: dict[str, str] = FPS) -> dict[str, int]:
     """One run over sources 0..n-1: every `fail_every`-th source's ocr fails (transiently)."""
     layout = sink.Layout(root, store or StorageConfig())
     commit.recover(layout)
@@ -53,12 +53,12 @@ def publish_run(root: str, attempt: str, n_sources: int, fail_every: int = 0, wi
     states = index.lookup(ids)
     todo = []
     for i, sid in enumerate(ids):
-        need = sink.tasks_to_do(states.get(sid), FPS, RetryPolicy())
+        need = sink.tasks_to_do(states.get(sid), fps, RetryPolicy())
         if need:
             work = SourceWork(f"s3://in/{sid}.pdf", sid, 100, tuple(need), sink.prior_of(states.get(sid)))
             fail = bool(fail_every) and i % fail_every == 0
-            todo.append(Complete(work, rows_for(sid, work.tasks, attempt, fail), UNITS))
-    pub = commit.Publisher(layout, attempt, attempt, FPS)
+            todo.append(Complete(work, rows_for(sid, work.tasks, attempt, fail, fps), UNITS))
+    pub = commit.Publisher(layout, attempt, attempt, fps)
     for k in range(0, len(todo), window):
         pub.publish(todo[k:k + window])
     storage.rm(layout.staging(attempt), layout.storage, recursive=True)  # as pipeline.run does at the end

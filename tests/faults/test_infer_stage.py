@@ -16,7 +16,7 @@ from pipeline.config import load_job_data
 from pipeline.engines.base import Engine
 from pipeline.infer import InferStage, RunContext
 from pipeline.tasks import fingerprint, resolve_task
-from schemas.records import RESULTS_SCHEMA, UNITS_SCHEMA, to_table
+from schemas.records import STREAM_SCHEMA, UNITS_SCHEMA, to_table
 
 
 class FlakyEngine(Engine):
@@ -68,7 +68,7 @@ def _batch(units) -> pa.Table:
 def test_ok_and_error_units_become_typed_rows(stage):
     stage.engine = stage.real_engine
     out = stage(_batch([_unit(1), _unit(2, error="empty_file"), _unit(3, w=500, h=300)]))
-    assert out.schema.equals(RESULTS_SCHEMA)
+    assert out.schema.equals(STREAM_SCHEMA)  # results columns + the end-marker count
     rows = out.to_pylist()
     assert len(rows) == 6  # 3 units x 2 tasks
     by = {(r["source_id"], r["task"]): r for r in rows}
@@ -83,7 +83,7 @@ def test_ok_and_error_units_become_typed_rows(stage):
 def test_all_error_batch_keeps_column_types(stage):
     """An all-error batch must not produce null-typed columns (the Ray Data LLM Parquet trap)."""
     out = stage(_batch([_unit(1, error="image_decode_failed")]))
-    assert out.schema.equals(RESULTS_SCHEMA)
+    assert out.schema.equals(STREAM_SCHEMA)  # results columns + the end-marker count
     assert out.column("prompt_tokens").type == pa.int32() and out.column("text").type == pa.string()
 
 

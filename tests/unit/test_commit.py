@@ -150,3 +150,18 @@ def test_a_window_that_failed_while_applying_is_finished_not_published_twice(tmp
     assert stats.stem == "a1-w00001" and pub.window == 1
     assert not list((out / "_commits").glob("*.json"))
     assert_exactly_once(*readers_view(local_reader(out)))
+
+
+def test_a_later_job_with_another_task_on_the_same_prefix(tmp_path):
+    """A job adds a task to a prefix another job filled: the new task's rows join each source's
+    window with its old rows, and documents keeps one row per source committing both tasks."""
+    out = tmp_path / "out"
+    publish_run(str(out), "ocr-only", N, fps={"ocr": "fp-ocr"})
+    second = publish_run(str(out), "both", N)
+    assert second["published"] == N
+    results, docs = readers_view(local_reader(out))
+    assert_exactly_once(results, docs)
+    assert {r["run_id"] for r in results if r["task"] == "ocr"} == {"ocr-only"}  # not redone
+    assert all({c["task"] for c in d["committed"]} == {"ocr", "caption"} for d in docs)
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["both-w00001.parquet", "both-w00002.parquet",
+                                                                    "both-w00003.parquet"]

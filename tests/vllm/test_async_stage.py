@@ -26,7 +26,7 @@ from pipeline.config import load_job_data  # noqa: E402
 from pipeline.infer import RunContext  # noqa: E402
 from pipeline.infer_async import AsyncInferStage, stage_kwargs  # noqa: E402
 from pipeline.tasks import fingerprint, resolve_task  # noqa: E402
-from schemas.records import RESULTS_SCHEMA, UNITS_SCHEMA, to_table  # noqa: E402
+from schemas.records import STREAM_SCHEMA, UNITS_SCHEMA, to_table  # noqa: E402
 
 FAMILY = "minicpmv4_5"
 MAX_MODEL_LEN = 512  # 64 visual tokens per image (1 slice) + a short prompt fit; a long text-layer hint does not
@@ -81,7 +81,7 @@ async def _collect(stage: AsyncInferStage, batch: pa.Table) -> list[pa.Table]:
 
 def _rows(tables: list[pa.Table]) -> list[dict]:
     for t in tables:
-        assert t.schema.equals(RESULTS_SCHEMA), t.schema
+        assert t.schema.equals(STREAM_SCHEMA), t.schema  # results columns + the end-marker count
     return [r for t in tables for r in t.to_pylist()]
 
 
