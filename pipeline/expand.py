@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import JobConfig
 from pipeline.media.base import MediaError, MediaUnit
+from pipeline.watchdog import KINDS, SourceGuard, source_message
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -189,8 +190,16 @@ class ExpandSource:
     def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str,
                  actor: bool = False, state_uri: str | None = None):
         """`actor`: this process is a preprocess actor of its own (Ray's), whose output Ray buffers per
-        block: tune the process for that (pipeline/memory.py). Never in a caller's process (inspect)."""
+        block: tune the process for that (pipeline/memory.py), and close each source with an end
+        marker for the driver (`end_marker`). Never in a caller's process (inspect, benchmarks).
+        `state_uri`: where the watchdog records the units it stopped this process on (a directory or
+        prefix, local or s3://), and where this process, restarted, reads them to turn those units
+        into error rows (pipeline/watchdog.py). With `actor` and a `state_uri` a stuck or oversized
+        unit kills the process; without a `state_uri` only the cooperative source deadline applies."""
+        from pipeline.watchdog import Watchdog
+
         self.actor = actor
+        self._watchdog = Watchdog(job.limits, state_uri, job.storage, kill=actor)
         if actor:
             from pipeline import memory
 
@@ -230,7 +239,8 @@ class ExpandSource:
                 del item
             # The source is complete downstream once this many result rows have come back
             # (pipeline/collect.py): the driver can then publish it without waiting for the job.
-            out.add(end_marker(src, expected), 0)
+            if self.actor:
+                out.add(end_marker(src, expected), 0)
         if out:
             yield out.take()
 
@@ -244,11 +254,28 @@ class ExpandSource:
                 importlib.import_module(modules[kind])
 
     def _expand(self, src: dict[str, Any]) -> Iterator[tuple[Any, int]]:
-        """(row or table, pixel bytes) for every unit of one source, in order."""
+        """(row or table, pixel bytes) for every unit of one source, in order, under the source's
+        limits (pipeline/watchdog.py): its clocks stop while an item waits to be taken."""
+        guard = self._watchdog.source(src["source_id"])
+        try:
+            for item in self._expand_source(src, guard):
+                guard.pause()
+                yield item
+                del item  # no reference to a yielded page while the next one renders (see __call__)
+                guard.resume()
+        finally:
+            guard.end()
+
+    def _expand_source(self, src: dict[str, Any], guard: SourceGuard) -> Iterator[tuple[Any, int]]:
         from pipeline import storage
         from pipeline.media.sniff import SNIFF_BYTES, sniff
 
         t0 = time.perf_counter()
+        if not guard.enter(-1, timed=False) or guard.recorded(-1):
+            # A worker was stopped on this source before its first unit (reading or opening it).
+            rec = guard.recorded(-1) or guard.stop_record
+            yield _source_row(src, None, error_type=rec.kind, error_message=source_message(rec)), 0
+            return
         try:
             # The listing's size saves one request per object.
             data = storage.read_bytes(src["source_uri"], self.job.storage, max_bytes=self.job.limits.max_bytes,
@@ -282,41 +309,73 @@ class ExpandSource:
         src = {**src, "tasks": tasks}
         try:
             if media_type == "pdf":
-                yield from self._pdf_items(src, data, t0)
+                yield from self._pdf_items(src, data, t0, guard)
                 return
-            last = t0
-            for unit in self._units(media_type, data):
-                now = time.perf_counter()
-                for row in self._unit_rows(src, media_type, unit, (now - last) * 1000.0):
-                    yield row, _nbytes(row)
-                del unit  # see __call__: the next unit renders with this one's buffer released
-                last = time.perf_counter()
+            yield from self._media_items(src, media_type, data, t0, guard)
         except MediaError as err:
             yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message), 0
         except Exception as err:  # noqa: BLE001 - a bug or an unforeseen file must not kill the job
             yield _source_row(src, media_type, error_type="preprocess_failed",
                               error_message=f"{type(err).__name__}: {err}"), 0
 
-    def _pdf_items(self, src: dict[str, Any], data: bytes, t0: float) -> Iterator[tuple[Any, int]]:
+    def _media_items(self, src: dict[str, Any], media_type: str, data: bytes, t0: float,
+                     guard: SourceGuard) -> Iterator[tuple[Any, int]]:
+        """An image's frames or a video's clips, in order. A unit a worker was stopped on, or the
+        source's time running out, ends the source with that unit's error row: the later frames or
+        clips cannot be reached without decoding it. Image frames are under limits.page_timeout_s;
+        clips only under the source's limit (their decoding time grows with the clip's length)."""
+        kind = UNIT_KIND[media_type]
+        units = self._units(media_type, data)
+        index, last = 0, t0
+        while True:
+            if not guard.enter(index, timed=media_type == "image"):
+                unit = guard.stop_unit(kind)
+            elif (rec := guard.recorded(index)) is not None:
+                unit = guard.skip_unit(rec, kind, ends_source=True)
+            else:
+                unit = next(units, None)
+                if unit is None:
+                    return
+            now = time.perf_counter()
+            for row in self._unit_rows(src, media_type, unit, (now - last) * 1000.0):
+                yield row, _nbytes(row)
+            if unit.error_type in KINDS:
+                return
+            index = unit.unit_index + 1
+            del unit  # see __call__: the next unit renders with this one's buffer released
+            last = time.perf_counter()
+
+    def _pdf_items(self, src: dict[str, Any], data: bytes, t0: float, guard: SourceGuard) -> Iterator[tuple[Any, int]]:
         """A PDF's pages, planned a group at a time (`pdf.plan_pdf`), then rendered one at a time.
 
         The group's rows are converted to Arrow in one go before its renders (one conversion per
         group, run warm, where one per page ran right after a render had flushed the caches); each
         rendered page then goes out as its row's slice with the pixels put in. A page whose row the
         render changed (an error, a blank page in a repaired file, tiles, a resize) takes the
-        general path instead.
+        general path instead. The watchdog is told each page as it is planned and as it is rendered;
+        a page it stopped a worker on stands in as its error row, and a source out of time ends with
+        one row for the pages it did not reach.
         """
-        from pipeline.media.pdf import plan_pdf
+        from pipeline.media.pdf import StopDocument, plan_pdf
+
+        def on_page(index: int, n_pages: int) -> MediaUnit | None:
+            guard.n_units = n_pages
+            if not guard.enter(index):
+                raise StopDocument
+            rec = guard.recorded(index)
+            return None if rec is None else guard.skip_unit(rec, "page", ends_source=False)
 
         j = self.job
         tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
         groups = plan_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
-                          tile_min_area=j.tiling.min_page_area, fit=self._page_size)
+                          tile_min_area=j.tiling.min_page_area, fit=self._page_size, on_page=on_page)
         last = t0
         for group in groups:
             planned_ms = (time.perf_counter() - last) * 1000.0 / len(group)
             meta, n_flags = self._group_table(src, group), [len(p.unit.flags) for p in group]
             for k, plan in enumerate(group):
+                if not guard.enter(plan.unit.unit_index):
+                    break
                 start = time.perf_counter()
                 size = plan.size
                 unit = plan.render()
@@ -329,6 +388,11 @@ class ExpandSource:
                 del unit  # see __call__
             del meta
             last = time.perf_counter()
+            if guard.stopped_at is not None:
+                break
+        if guard.stopped_at is not None:
+            groups.close()
+            yield from ((row, 0) for row in self._unit_rows(src, "pdf", guard.stop_unit("page"), 0.0))
 
     def _group_table(self, src: dict[str, Any], group: list) -> "pa.Table | None":
         """The rows of a group of planned pages as they will be once rendered, pixels aside (None

@@ -37,6 +37,7 @@ the same way (+~0.5 ms there). Scans: no extra cost.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,18 @@ from pipeline.media.orientation import dominant_rotation, line_angle, vertical_t
 
 _POINTS_PER_INCH = 72.0
 _TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT  # what page.get_text() uses: the text layer stays the same
+
+# Test-only fault injection (tests/faults/test_stuck_page.py): CPMV_FAULT_BLOCK_PAGE="<title>:<index>"
+# makes the planning of page `index` (0-based) of every PDF whose metadata title contains `<title>`
+# block for ever in a C call that holds the GIL, as MuPDF does on a page whose display list never
+# finishes. Read once, at import; unset in production.
+_FAULT_BLOCK_PAGE = os.environ.get("CPMV_FAULT_BLOCK_PAGE")
+
+PageHook = Callable[[int, int], "MediaUnit | None"]
+
+
+class StopDocument(Exception):
+    """Raised by a `PageHook`: plan no further page (the pages planned so far are still yielded)."""
 
 
 def expand_pdf(
@@ -108,9 +121,15 @@ class PagePlan:
 def plan_pdf(
     data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
     tile_min_area: float = 0.0, fit: Callable[[int, int], tuple[int, int] | None] | None = None,
+    on_page: PageHook | None = None,
 ) -> Iterator[list[PagePlan]]:
     """The pages of a PDF as groups of up to `cfg.plan_ahead_pages` planned pages, in page order
     (arguments as in `expand_pdf`); render each plan in turn.
+
+    `on_page(index, page_count)` is called before each page up to `limits.max_pages` is planned (the
+    watchdog's progress hook: one call per page, keep it cheap). It returns None to plan the page,
+    or a unit that stands in for it unplanned (an error row); it raises StopDocument to end the
+    document there.
 
     Why groups: interpreting a page, extracting its text layer and (for the caller) converting its
     row to Arrow all run right after the previous page's ~21 MB render has flushed the CPU caches,
@@ -125,11 +144,29 @@ def plan_pdf(
         n_pages = doc.page_count
         rendered = min(n_pages, limits.max_pages)
         step = cfg.plan_ahead_pages
+        block_at = _fault_block_index(doc) if _FAULT_BLOCK_PAGE else None
+        stopped = False
         for first in range(0, rendered, step):
-            group = [_plan_page(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi, tile_min_area, fit)
-                     for index in range(first, min(first + step, rendered))]
-            yield group
+            group = []
+            for index in range(first, min(first + step, rendered)):
+                if on_page is not None:
+                    try:
+                        stand_in = on_page(index, n_pages)
+                    except StopDocument:
+                        stopped = True
+                        break
+                    if stand_in is not None:
+                        group.append(PagePlan(stand_in))
+                        continue
+                if index == block_at:
+                    _block_forever()
+                group.append(_plan_page(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi,
+                                        tile_min_area, fit))
+            if group:
+                yield group
             del group  # the caller renders them; their display lists go with them
+            if stopped:
+                return
         for first in range(rendered, n_pages, step):
             yield [PagePlan(MediaUnit(
                 unit_index=index, unit_kind="page", error_type="page_limit",
@@ -316,3 +353,19 @@ def _render(
 
 def _is_blank(frame: np.ndarray) -> bool:
     return frame.size == 0 or bool(frame.min() == frame.max())
+
+
+def _fault_block_index(doc: pymupdf.Document) -> int | None:
+    """The page CPMV_FAULT_BLOCK_PAGE blocks in this document (test-only; see _FAULT_BLOCK_PAGE)."""
+    title, _, index = (_FAULT_BLOCK_PAGE or "").rpartition(":")
+    return int(index) if title and title in (doc.metadata or {}).get("title", "") else None
+
+
+def _block_forever() -> None:
+    """Test-only: block in a C call that keeps the GIL (ctypes.PyDLL does not release it), like a
+    MuPDF call that never returns; only a signal from outside the process ends it."""
+    import ctypes
+
+    pause = ctypes.PyDLL(None).pause
+    while True:
+        pause()
