@@ -28,7 +28,8 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
     ds = ds.map_batches(
         ExpandSource,
         fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
-                               "family": ctx.family, "actor": True, "state_uri": state_uri},
+                               "family": ctx.family, "actor": True, "state_uri": state_uri,
+                               "end_markers": True},
         batch_size=1,  # one source per call: a slow PDF never holds up a batch of others
         batch_format="pyarrow",
         **plan.preprocess,
