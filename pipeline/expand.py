@@ -188,10 +188,10 @@ class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
     def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str,
-                 actor: bool = False, state_uri: str | None = None):
+                 actor: bool = False, state_uri: str | None = None, end_markers: bool = False):
         """`actor`: this process is a preprocess actor of its own (Ray's), whose output Ray buffers per
-        block: tune the process for that (pipeline/memory.py), and close each source with an end
-        marker for the driver (`end_marker`). Never in a caller's process (inspect, benchmarks).
+        block: tune the process for that (pipeline/memory.py). Never in a caller's process (inspect).
+        `end_markers`: close each source with its end marker (`end_marker`), for the run's driver.
         `state_uri`: where the watchdog records the units it stopped this process on (a directory or
         prefix, local or s3://), and where this process, restarted, reads them to turn those units
         into error rows (pipeline/watchdog.py). With `actor` and a `state_uri` a stuck or oversized
@@ -199,6 +199,7 @@ class ExpandSource:
         from pipeline.watchdog import Watchdog
 
         self.actor = actor
+        self.end_markers = end_markers
         self._watchdog = Watchdog(job.limits, state_uri, job.storage, kill=actor)
         if actor:
             from pipeline import memory
@@ -239,7 +240,7 @@ class ExpandSource:
                 del item
             # The source is complete downstream once this many result rows have come back
             # (pipeline/collect.py): the driver can then publish it without waiting for the job.
-            if self.actor:
+            if self.end_markers:
                 out.add(end_marker(src, expected), 0)
         if out:
             yield out.take()
