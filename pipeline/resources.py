@@ -30,6 +30,10 @@ class StagePlan:
 # Writing Parquet is I/O bound; a fraction of a CPU keeps write tasks from waiting behind actors
 # that hold whole CPUs (on a 2-core machine that wait would be forever).
 WRITE_CPUS = 0.25
+#: Target size of a Ray Data block in this pipeline's plans (see init_ray).
+BLOCK_BYTES = 8 * 2**20
+#: Most sources in one input block of the expand stage (see plan_stages).
+SOURCES_PER_BLOCK = 16
 
 
 def init_ray(job: JobConfig) -> None:
@@ -52,6 +56,13 @@ def init_ray(job: JobConfig) -> None:
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
     # Progress bars flood CI logs and kubectl logs; the run summary reports throughput instead.
     ctx.enable_progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+    # Ray Data merges what a task yields into blocks of up to target_max_block_size (128 MiB by
+    # default) and hands a block on only when it is full or the task ends. Units of small images
+    # then travelled ~200 to a block, the engine stage answered a whole block per task, and the
+    # driver saw no result of 800 sources until 694 were done (bench/resume.py): nothing could be
+    # committed. Blocks of a few MiB keep results flowing to the commit windows; a large page is
+    # one block either way.
+    ctx.target_max_block_size = BLOCK_BYTES
 
 
 def cluster_resources() -> dict[str, float]:
@@ -109,8 +120,10 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
     elif gpus_per_replica > 0:
         infer["num_gpus"] = gpus_per_replica
     return StagePlan(
-        # Several blocks per preprocess actor so one large PDF does not hold up the others.
-        num_source_blocks=max(1, min(num_sources, pre * 4)),
+        # Several blocks per preprocess actor so one large PDF does not hold up the others, and at
+        # most SOURCES_PER_BLOCK sources per block: a block is one task, whose output is complete
+        # (committable) only when it ends.
+        num_source_blocks=max(1, min(num_sources, max(pre * 4, -(-num_sources // SOURCES_PER_BLOCK)))),
         preprocess={"compute": ActorPoolStrategy(size=pre), "num_cpus": round(pre_cpus, 3)},
         infer=infer,
         infer_batch_size=e.batch_size,
