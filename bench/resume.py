@@ -134,19 +134,29 @@ class Workspace:
 
     def run(self, timeout: float = 7200, sample_s: float = 0.5) -> dict[str, Any]:
         """One `cpmv run` to the end: exit code, wall seconds, driver peak RSS, engine requests made, and
-        `calls_timeline`: (seconds since start, engine requests so far) each time the count moved."""
+        `calls_timeline`: (seconds since start, engine requests so far) each time the count moved;
+        `rss_timeline`: (seconds, requests, driver RSS MiB, of which anonymous, of which shared memory:
+        Ray's object store pages the driver mapped) every 5 s."""
         before = self.calls()
         proc, log, rss_file = self.start()
         t0 = time.perf_counter()
         timeline: list[tuple[float, int]] = [(0.0, 0)]
+        rss_tl: list[tuple[float, int, float, float, float]] = []
+        next_rss = 0.0
         while proc.poll() is None:
-            if time.perf_counter() - t0 > timeout:
+            elapsed = time.perf_counter() - t0
+            if elapsed > timeout:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise SystemExit(f"cpmv run still running after {timeout} s; log {log}")
             now = self.calls() - before
             if now != timeline[-1][1]:
-                timeline.append((round(time.perf_counter() - t0, 2), now))
+                timeline.append((round(elapsed, 2), now))
+            if elapsed >= next_rss:
+                mem = _proc_rss_mb(proc.pid)
+                if mem:
+                    rss_tl.append((round(elapsed, 1), now, *mem))
+                next_rss += 5.0
             time.sleep(sample_s)
         rc = proc.returncode
         wall = time.perf_counter() - t0
@@ -160,7 +170,8 @@ class Workspace:
         return {"exit_code": rc, "wall_s": round(wall, 2), "engine_requests": self.calls() - before,
                 "driver_peak_rss_mb": round(rss["vm_hwm_kb"] / 1024, 1) if rss.get("vm_hwm_kb") else None,
                 "driver_ru_maxrss_mb": round(rss["ru_maxrss_kb"] / 1024, 1) if rss.get("ru_maxrss_kb") else None,
-                "log": str(log), "summary_tail": _summary(log), "calls_timeline": timeline}
+                "log": str(log), "summary_tail": _summary(log), "calls_timeline": timeline,
+                "rss_timeline": rss_tl}
 
     def calls(self) -> int:
         try:
@@ -195,6 +206,18 @@ def _reap(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _proc_rss_mb(pid: int) -> tuple[float, float, float] | None:
+    """(VmRSS, RssAnon, RssShmem) of a running process in MiB, None once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in lines if ln.startswith(("VmRSS:", "RssAnon:", "RssShmem:"))}
+    if "VmRSS" not in kb:
+        return None
+    return round(kb["VmRSS"] / 1024, 1), round(kb.get("RssAnon", 0) / 1024, 1), round(kb.get("RssShmem", 0) / 1024, 1)
 
 
 def _summary(log: Path) -> str:
@@ -283,7 +306,7 @@ def measure(n: int, window_units: int, kill_at: float, tokens: int, keep: bool) 
                  "requests_settled": first, "killed_after_s": round(killed_after, 2),
                  "published_sources_at_kill": published["documents_rows"],
                  "published_result_rows_at_kill": published["result_rows"]},
-        "rerun": {k: v for k, v in second.items() if k not in ("log", "calls_timeline")},
+        "rerun": {k: v for k, v in second.items() if k not in ("log", "calls_timeline", "rss_timeline")},
         "rerun_counts": rec2[0]["counts"] if rec2 else None,
         "engine_requests": {"run1": first, "rerun": rerun, "total": total},
         "rerun_requests_per_source": round(rerun / n, 4),
