@@ -303,11 +303,14 @@ def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str,
     budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
     ds = build_plan(job, [w.item() for w in work.values()], ctx, plan, budget,
                     state_uri=layout.staging(attempt, "timeouts"))
+    # No prefetch: with 2, Ray 2.60 hands over a block only once two more are ready, which held
+    # finished results back from the commit windows (bench/resume.py). The plan itself still runs
+    # ahead; the queue only decouples the driver's commits from Ray's iterator.
     blocks: queue.Queue = queue.Queue(maxsize=8)
 
     def produce() -> None:
         try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 while not stop.is_set():
                     try:
                         blocks.put(block, timeout=0.5)
