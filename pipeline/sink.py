@@ -23,7 +23,6 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -257,13 +256,3 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def lost(work: SourceWork) -> Complete:
     """A source of this run whose rows never came back (published as a `lost` documents row)."""
     return Complete(work, [], 0, complete=False)
-
-
-def source_ids(uris: list[str], st: StorageConfig) -> set[str]:
-    """Every source_id in these documents files (tests, tools)."""
-    out: set[str] = set()
-    for uri in uris:
-        t = read_table(uri, st, ["source_id"])
-        if t is not None:
-            out.update(t.column("source_id").to_pylist())
-    return out
