@@ -35,6 +35,9 @@ class FamilySpec:
     downsample_mode: str = "16x"  # default visual-token downsampling of the checkpoint/processor
     version: str | None = None  # `version` in config.json of the `minicpmv` generations (2.6 ... 4.5)
     engines: tuple[str, ...] = ("transformers", "vllm", "openai")  # engines that serve this family
+    # First transformers release that ships this family's native classes (`models/<model_type>/` in
+    # the wheel): 5.7.0 has minicpmv4_6 only, 5.18.0 adds minicpmv4_7, 5.21.0 adds minicpm_ocr.
+    min_transformers: str | None = None
 
 
 # The Qwen3.5 text backbone ends an assistant turn with <|im_end|>; <|endoftext|> ends a document
@@ -57,6 +60,7 @@ FAMILIES: dict[str, FamilySpec] = {
             stop_tokens=_QWEN_STOPS,
             native_transformers=True,
             downsample_mode="16x",
+            min_transformers="5.7",
         ),
         FamilySpec(
             name="minicpmv4_7",
@@ -71,6 +75,7 @@ FAMILIES: dict[str, FamilySpec] = {
             stop_tokens=_QWEN_STOPS,
             native_transformers=True,
             downsample_mode="16x",
+            min_transformers="5.18",
         ),
         FamilySpec(
             name="minicpm_ocr",
@@ -85,6 +90,7 @@ FAMILIES: dict[str, FamilySpec] = {
             native_transformers=True,
             # Text-dense pages are read with 4x more visual tokens than the V models.
             downsample_mode="4x",
+            min_transformers="5.21",
             engines=("transformers", "openai"),  # no vLLM model for it in vLLM 0.32
         ),
     )
@@ -134,6 +140,24 @@ def family_from_config(config: dict) -> str:
         raise ValueError(f"unsupported MiniCPM-V version {version!r}; supported: {', '.join(sorted(_BY_VERSION))}")
     supported = ", ".join(sorted(_BY_MODEL_TYPE)) + ", minicpmv (2.0-4.5)"
     raise ValueError(f"unsupported model_type {model_type!r}; supported model types: {supported}")
+
+
+def check_transformers_version(spec: FamilySpec, installed: str) -> None:
+    """Fail fast when the installed transformers predates `spec`'s native classes.
+
+    Without this, an older transformers (5.17 on a GPU image, say) fails inside `from_pretrained`
+    with "Unrecognized model identifier" and a list of some 800 model types. Raises RuntimeError
+    naming the family, both versions and the pip command; a no-op for families without native classes.
+    """
+    from packaging.version import Version
+
+    if spec.min_transformers is None or Version(installed) >= Version(spec.min_transformers):
+        return
+    raise RuntimeError(
+        f"{spec.display} needs transformers >= {spec.min_transformers} (its native `{spec.hf_model_type}` "
+        f"classes first ship there); this environment has transformers {installed}. "
+        f"Fix: pip install 'transformers>={spec.min_transformers}'"
+    )
 
 
 def get_family(name: str) -> FamilySpec:

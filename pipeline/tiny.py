@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.models import get_family
+from pipeline.models import check_transformers_version, get_family
 
 # Special tokens of the real checkpoints (Qwen3.5 vocabulary plus MiniCPM-V's markers). The
 # processors read the named ones as `tokenizer.<name>` / `tokenizer.<name>_id`, which in
@@ -190,12 +190,14 @@ def build_tiny(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     exactly as `save_pretrained` of the real classes writes them. Works with HF_HUB_OFFLINE=1.
     """
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     spec = get_family(family)
     if not spec.native_transformers:
         raise ValueError(f"{family} has no native transformers classes; build it with "
                          f"pipeline.tiny_legacy.build_tiny_legacy({spec.version!r}, dir) (vLLM, load_format dummy)")
+    check_transformers_version(spec, transformers.__version__)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

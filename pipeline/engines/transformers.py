@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
 from pipeline.media.stacking import STACK_FAMILIES
-from pipeline.models import detect_family, get_family
+from pipeline.models import check_transformers_version, detect_family, get_family
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,13 @@ class TransformersEngine(Engine):
         applies to both. None means the family recommendation.
         """
         import torch
+        import transformers
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.model_dir = str(model_dir)
         self.family = family or detect_family(model_dir)
         self.spec = get_family(self.family)
+        check_transformers_version(self.spec, transformers.__version__)
         self.device = pick_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         if downsample_mode is not None and downsample_mode not in _DOWNSAMPLE_MODES:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import FAMILIES, FamilySpec, detect_family, get_family, pixel_budget
+from pipeline.models import (FAMILIES, FamilySpec, check_transformers_version, detect_family, get_family,
+                             pixel_budget)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,3 +117,43 @@ def test_registry_imports_no_heavy_modules() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family,too_old", [("minicpmv4_6", "5.6.2"), ("minicpmv4_7", "5.17.0"),
+                                            ("minicpm_ocr", "5.20.2")])
+def test_an_older_transformers_is_refused_with_the_version_and_the_fix(family: str, too_old: str) -> None:
+    # transformers 5.17 (a real GPU image's) lacks minicpmv4_7 and minicpm_ocr: from_pretrained
+    # then failed with "Unrecognized model identifier" and ~800 model types.
+    spec = get_family(family)
+    with pytest.raises(RuntimeError) as err:
+        check_transformers_version(spec, too_old)
+    msg = str(err.value)
+    assert spec.display in msg and too_old in msg and f"pip install 'transformers>={spec.min_transformers}'" in msg
+    check_transformers_version(spec, spec.min_transformers)  # the minimum itself serves
+
+
+def test_the_installed_transformers_ships_every_native_family() -> None:
+    import importlib
+
+    import transformers
+    from packaging.version import Version
+
+    for spec in FAMILIES.values():
+        if spec.native_transformers:
+            assert Version(transformers.__version__) >= Version(spec.min_transformers)
+            importlib.import_module(f"transformers.models.{spec.hf_model_type}")
+        else:
+            assert spec.min_transformers is None
+            check_transformers_version(spec, "4.0.0")  # remote code: no native minimum
+
+
+def test_tiny_build_refuses_an_older_transformers_before_writing(tmp_path: Path, monkeypatch) -> None:
+    import transformers
+
+    from pipeline.tiny import build_tiny
+
+    # Fault injection: the installed version string is what an older environment reports.
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match="MiniCPM-V 4.7 needs transformers >= 5.18"):
+        build_tiny("minicpmv4_7", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
