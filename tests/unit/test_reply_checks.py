@@ -147,3 +147,12 @@ def test_bad_settings_fail_fast_naming_the_field() -> None:
         load_job_data({**base, "checks": {"repetition_min_share": 1.5}})
     with pytest.raises(ConfigError, match="documents.max_failed_unit_share"):
         load_job_data({**base, "documents": {"max_failed_unit_share": -0.1}})
+
+
+def test_reply_failures_are_permanent_for_reruns() -> None:
+    """A rerun does not redo reply_* rows by default (deterministic replies); --retry-errors does."""
+    from pipeline.retry import PERMANENT, RetryPolicy, is_transient
+
+    for etype in set(ERROR_TYPES.values()):
+        assert etype in PERMANENT and not is_transient(etype) and not RetryPolicy().retries(etype)
+    assert RetryPolicy.parse("reply_truncated").retries("reply_truncated")
