@@ -217,3 +217,33 @@ def test_through_ray_data(job_ctx, tmp_path: Path) -> None:
     finally:
         ray.shutdown()
 
+
+
+def test_reply_checks_retry_each_request_on_its_own_through_the_driver(stage: AsyncInferStage, job_ctx,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy weights run to the token cap by themselves: a real `reply_truncated` on the streaming path,
+    each failed request sent again at the schedule's temperatures and the larger cap (recorded at submit)."""
+    job, ctx = job_ctx
+    checked = load_job_data({**job.model_dump(mode="json"), "checks": {"enabled": True},
+                             "tasks": [{"name": "caption", "max_new_tokens": 3, "retries": 2,
+                                        "retry_temperatures": [0.5, 1.0], "retry_max_new_tokens": 5}]})
+    tasks = {t.name: resolve_task(t) for t in checked.tasks}
+    monkeypatch.setattr(stage, "job", checked)
+    monkeypatch.setattr(stage, "ctx", RunContext(ctx.run_id, ctx.model_id, ctx.family, ctx.engine, tasks,
+                                                 {"caption": "fp-caption"}))
+    sent: list[tuple[float, int]] = []
+    real_submit = stage.driver.submit
+
+    def recording_submit(request):  # instrumentation only: the request goes to the real engine
+        sent.append((request.temperature, request.max_new_tokens))
+        return real_submit(request)
+
+    monkeypatch.setattr(stage.driver, "submit", recording_submit)
+    units = [{**_unit(i), "tasks": ["caption"]} for i in (5, 6)]
+    rows = _rows(asyncio.run(_collect(stage, to_table(units, UNITS_SCHEMA))))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["status"] == "error" and r["error_type"] == "reply_truncated", (r["error_type"], r["error_message"])
+        assert r["attempts"] == 3 and r["retry_reasons"] == ["truncated"] * 3
+        assert r["finish_reason"] == "length" and r["completion_tokens"] == 5 and r["text"] is not None
+    assert sorted(sent) == sorted([(0.0, 3), (0.5, 5), (1.0, 5)] * 2)
