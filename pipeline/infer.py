@@ -2,8 +2,9 @@
 
 The stage owns what every engine needs and none should re-implement: turning unit rows into
 requests, passing error units through as error rows, retrying a failed batch one request at a time
-(bounded), and casting every output batch to the results schema (so an all-error batch still writes
-typed columns).
+(bounded), checking every reply and asking again for those that fail a check (pipeline/checks.py),
+and casting every output batch to the results schema (so an all-error batch still writes typed
+columns).
 """
 
 from __future__ import annotations

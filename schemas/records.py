@@ -40,7 +40,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("text", pa.string()),  # OCR text, markdown table or caption
-        pa.field("output_source", pa.string()),  # model (later: text_layer)
+        pa.field("output_source", pa.string()),  # model | text_layer | text_layer_fallback (pipeline/checks.py)
         pa.field("finish_reason", pa.string()),
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
