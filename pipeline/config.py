@@ -336,9 +336,10 @@ class ChecksConfig(_Model):
         64, ge=1, description="Loops shorter than this many characters never fail a reply (a row of dots, `|---|---|`)."
     )
     allow_empty_tasks: list[TaskName] = Field(
-        default_factory=list, description="Tasks whose empty reply is a valid answer (e.g. [ocr, table] for corpora "
-        "with blank pages or pages without tables, as the built-in prompts allow); for other tasks an empty or "
-        "whitespace-only reply fails as `reply_empty`."
+        default_factory=lambda: ["table"], description="Tasks whose empty reply (not cut at the cap) is a valid "
+        "answer: `table` by default, whose prompt asks for nothing on a page without tables (most pages); add "
+        "`ocr` for corpora with blank pages. For other tasks an empty, whitespace-only or null reply fails as "
+        "`reply_empty`."
     )
     reasoning_tags: tuple[str, str] = Field(
         ("<think>", "</think>"), description="Open and close tags of a reasoning block. The block is removed from "

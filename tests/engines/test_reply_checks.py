@@ -182,6 +182,7 @@ def test_fault_injection_degenerate_replies_become_typed_error_rows(server):
     job = load_job_data({"input": {"uris": ["x"]}, "output": {"uri": "o"},
                          "model": {"name": "served"},
                          "engine": {"kind": "openai", "openai": {"base_url": server.url, "max_retries": 0}},
+                         "checks": {"allow_empty_tasks": []},  # an empty table reply fails too (default: allowed)
                          "tasks": [{"name": "table", "max_new_tokens": 100, "retries": 3,
                                     "retry_max_new_tokens": 300}]})
     stage = _stage(job, "openai")

@@ -65,6 +65,9 @@ def test_empty_whitespace_and_allowed_empty() -> None:
     for text in ("", "   \n\t "):
         v = _check(text)
         assert not v.ok and v.reason == "empty" and ERROR_TYPES["empty"] == "reply_empty"
+    # the table prompt asks for nothing on a page without tables: allowed by default
+    assert CFG.allow_empty_tasks == ["table"] and _check("", task="table").ok
+    assert not _check("", task="table", cfg=ChecksConfig(allow_empty_tasks=[])).ok
     allow = ChecksConfig(allow_empty_tasks=["ocr", "table"])
     assert _check("", cfg=allow).ok
     assert _check("", task="table", cfg=allow).tables == []
