@@ -226,7 +226,9 @@ def test_reply_checks_retry_each_request_on_its_own_through_the_driver(stage: As
     job, ctx = job_ctx
     checked = load_job_data({**job.model_dump(mode="json"), "checks": {"enabled": True},
                              "tasks": [{"name": "caption", "max_new_tokens": 3, "retries": 2,
-                                        "retry_temperatures": [0.5, 1.0], "retry_max_new_tokens": 5}]})
+                                        # near-greedy: a sampled stop token from a random model would
+                                        # end a reply early by chance, and vLLM's sampling is not seeded here
+                                        "retry_temperatures": [0.01, 0.02], "retry_max_new_tokens": 5}]})
     tasks = {t.name: resolve_task(t) for t in checked.tasks}
     monkeypatch.setattr(stage, "job", checked)
     monkeypatch.setattr(stage, "ctx", RunContext(ctx.run_id, ctx.model_id, ctx.family, ctx.engine, tasks,
@@ -246,4 +248,4 @@ def test_reply_checks_retry_each_request_on_its_own_through_the_driver(stage: As
         assert r["status"] == "error" and r["error_type"] == "reply_truncated", (r["error_type"], r["error_message"])
         assert r["attempts"] == 3 and r["retry_reasons"] == ["truncated"] * 3
         assert r["finish_reason"] == "length" and r["completion_tokens"] == 5 and r["text"] is not None
-    assert sorted(sent) == sorted([(0.0, 3), (0.5, 5), (1.0, 5)] * 2)
+    assert sorted(sent) == sorted([(0.0, 3), (0.01, 5), (0.02, 5)] * 2)
