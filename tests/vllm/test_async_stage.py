@@ -219,10 +219,10 @@ def test_through_ray_data(job_ctx, tmp_path: Path) -> None:
 
 
 
-def test_reply_checks_retry_each_request_on_its_own_through_the_driver(stage: AsyncInferStage, job_ctx,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reply_checks_retry_each_request_on_its_own_through_the_driver(job_ctx) -> None:
     """Dummy weights run to the token cap by themselves: a real `reply_truncated` on the streaming path,
-    each failed request sent again at the schedule's temperatures and the larger cap (recorded at submit)."""
+    each failed request sent again at the schedule's temperatures and the larger cap (recorded at submit).
+    Its own stage: the module's stage may have had its engine killed by the fault tests above."""
     job, ctx = job_ctx
     checked = load_job_data({**job.model_dump(mode="json"), "checks": {"enabled": True},
                              "tasks": [{"name": "caption", "max_new_tokens": 3, "retries": 2,
@@ -230,19 +230,22 @@ def test_reply_checks_retry_each_request_on_its_own_through_the_driver(stage: As
                                         # end a reply early by chance, and vLLM's sampling is not seeded here
                                         "retry_temperatures": [0.01, 0.02], "retry_max_new_tokens": 5}]})
     tasks = {t.name: resolve_task(t) for t in checked.tasks}
-    monkeypatch.setattr(stage, "job", checked)
-    monkeypatch.setattr(stage, "ctx", RunContext(ctx.run_id, ctx.model_id, ctx.family, ctx.engine, tasks,
-                                                 {"caption": "fp-caption"}))
+    st = AsyncInferStage(checked, RunContext(ctx.run_id, ctx.model_id, ctx.family, ctx.engine, tasks,
+                                             {"caption": "fp-caption"}))
     sent: list[tuple[float, int]] = []
-    real_submit = stage.driver.submit
+    real_submit = st.driver.submit
 
     def recording_submit(request):  # instrumentation only: the request goes to the real engine
         sent.append((request.temperature, request.max_new_tokens))
         return real_submit(request)
 
-    monkeypatch.setattr(stage.driver, "submit", recording_submit)
-    units = [{**_unit(i), "tasks": ["caption"]} for i in (5, 6)]
-    rows = _rows(asyncio.run(_collect(stage, to_table(units, UNITS_SCHEMA))))
+    st.driver.submit = recording_submit
+    try:
+        units = [{**_unit(i), "tasks": ["caption"]} for i in (5, 6)]
+        rows = _rows(asyncio.run(_collect(st, to_table(units, UNITS_SCHEMA))))
+    finally:
+        st.driver.close()
+        st.engine.close()
     assert len(rows) == 2
     for r in rows:
         assert r["status"] == "error" and r["error_type"] == "reply_truncated", (r["error_type"], r["error_message"])
