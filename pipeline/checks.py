@@ -157,7 +157,19 @@ def check_reply(reply: Reply, task: str, cfg: ChecksConfig) -> Verdict:
         parsed, why = VALIDATORS[task](answer)
         if why is not None:
             return Verdict(False, answer, "invalid", f"invalid {task} reply: {why}", tables=parsed or None)
+    if task == "ocr":
+        return Verdict(True, answer, tables=_ocr_tables(answer))
     return Verdict(True, answer, tables=parsed if task == "table" else None)
+
+
+def _ocr_tables(text: str) -> list[dict[str, Any]] | None:
+    """Tables an OCR reply holds (markdown, or HTML as MiniCPM-OCR writes them); None when there are none.
+    No validity rule: a page's text is not wrong for holding a ragged table."""
+    if "|" not in text and "<table" not in text.lower():
+        return None  # most pages: no parse
+    from pipeline.tables import parse
+
+    return parse(text)[0] or None
 
 
 @dataclass

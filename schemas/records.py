@@ -64,7 +64,7 @@ RESULTS_SCHEMA = pa.schema(
         # null: no model reply, e.g. text_layer rows) and the failed check of every failed attempt.
         pa.field("attempts", pa.int32()),
         pa.field("retry_reasons", pa.list_(pa.string())),
-        pa.field("tables", TABLES_TYPE),  # the `table` task's tables as data (pipeline/tables.py)
+        pa.field("tables", TABLES_TYPE),  # tables of `table` and `ocr` replies as data (pipeline/tables.py)
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )

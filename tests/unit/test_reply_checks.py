@@ -159,3 +159,12 @@ def test_reply_failures_are_permanent_for_reruns() -> None:
     for etype in set(ERROR_TYPES.values()):
         assert etype in PERMANENT and not is_transient(etype) and not RetryPolicy().retries(etype)
     assert RetryPolicy.parse("reply_truncated").retries("reply_truncated")
+
+
+def test_ocr_replies_carry_their_tables_without_a_validity_rule() -> None:
+    page = "Prices\n\n<table><tr><th>Item</th><th>Qty</th></tr><tr><td>Pen</td><td>2</td></tr></table>\n\nEnd."
+    v = _check(page)
+    assert v.ok and v.tables == [{"columns": 2, "rows": [{"header": True, "cells": ["Item", "Qty"]},
+                                                         {"header": False, "cells": ["Pen", "2"]}]}]
+    assert _check(PROSE).tables is None
+    assert _check("| a | b |\n|---|---|\n| 1 | 2 | 3 |").ok  # ragged, but OCR has no table rule
