@@ -85,6 +85,7 @@ def job_and_ctx(cache_dir: str, batch_size: int, family: str = "minicpmv4_5", ma
         "model": {"name": "tiny", "family": family, "cache_dir": cache_dir, "trust_remote_code": True,
                   **({"max_slice_nums": max_slice_nums} if max_slice_nums else {})},
         "tasks": [{"name": "caption", "max_new_tokens": 512, "prompt": PROMPT}],
+        "checks": {"enabled": False},  # replies run to the cap by design here: no reply-check retries
         "engine": {"kind": "vllm", "batch_size": batch_size, "max_retries": 0,
                    "vllm": {"load_format": "dummy", "enforce_eager": enforce_eager, "max_model_len": max_model_len,
                             "cpu_kvcache_space_gib": 2}},

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a job field, as in `cpmv run` (repeatable)")
     insp.add_argument("--summary", action="store_true", help="print totals as JSON on stderr at the end")
     insp.set_defaults(func=_cmd_inspect)
+
+    from pipeline.evaluate import register as register_eval  # `cpmv eval` (its imports stay inside it)
+
+    register_eval(sub)
     return p
 
 

@@ -75,14 +75,16 @@ class Publisher:
     """Publishes windows of complete sources for one attempt (see the module docstring)."""
 
     def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
-                 compression: str = "zstd", with_text: bool = True):
+                 compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1):
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
+        self.max_failed_unit_share = max_failed_unit_share  # documents.max_failed_unit_share
         self.window = 0  # windows published
         self._decided: tuple[dict[str, Any], WindowStats, list[dict[str, Any]]] | None = None  # staged, not applied
         self.counts: dict[str, int] = defaultdict(int)  # documents by status, units, results ok/failed
-        self.errors: dict[str, int] = defaultdict(int)  # documents by error type
+        self.errors: dict[str, int] = defaultdict(int)  # failed result rows by error type
+        self.flags: dict[str, int] = defaultdict(int)  # documents by flag (pdf_repaired, ...)
         self.shown: list[dict[str, Any]] = []  # the first SHOWN documents rows (no text), for the summary
 
     def publish(self, sources: list[Complete]) -> WindowStats | None:
@@ -107,8 +109,10 @@ class Publisher:
         for d in doc_rows:
             if len(self.shown) < SHOWN:
                 self.shown.append({k: v for k, v in d.items() if k != "text"})
-            if d["error_type"]:
-                self.errors[d["error_type"]] += 1
+            for f in d["failures"]:
+                self.errors[f["error_type"]] += f["count"]
+            for flag in d["flags"] or []:
+                self.flags[flag] += 1
             self.counts[f"documents_{d['status']}"] += 1
             self.counts["units"] += d["num_units"]
             self.counts["results_ok"] += d["results_ok"]
@@ -128,7 +132,8 @@ class Publisher:
             mine = moved.get(src.work.source_id, [])
             results_rows.extend(mine)
             results_rows.extend(src.rows)
-            doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine))
+            doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine,
+                                         self.max_failed_unit_share))
         staged = self.layout.staging(self.attempt, f"w{window:05d}")
         ops: list[list[str]] = []
         files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)

@@ -294,6 +294,72 @@ class TaskConfig(_Model):
         "`output_source` = text_layer). Scans and broken layers still go to the model.",
     )
     hint_max_chars: int = Field(4000, ge=100, description="With `hint`, the most text-layer characters put in a prompt.")
+    retries: int = Field(
+        3, ge=0, le=10, description="Times a unit whose reply fails a reply check (`checks`) is asked again before "
+        "it becomes an error row `reply_*` (or, for OCR of a page with a usable text layer, falls back to it)."
+    )
+    retry_temperatures: list[float] = Field(
+        [0.2, 0.5, 0.8], description="Temperature of each retry in order (the first attempt uses `temperature`; the "
+        "last value repeats when `retries` is longer). A greedy reply that loops or runs to the cap does the same "
+        "again at temperature 0, so retries sample (olmOCR's schedule).",
+    )
+    retry_max_new_tokens: int | None = Field(
+        None, ge=1, description="Token cap of a retry after a reply cut at the cap (`reply_truncated`); unset keeps "
+        "`max_new_tokens`. Other failed checks retry with `max_new_tokens`."
+    )
+
+    @field_validator("retry_temperatures")
+    @classmethod
+    def _temperatures(cls, v: list[float]) -> list[float]:
+        if any(t < 0 for t in v):
+            raise ValueError(f"temperatures must be >= 0, got {v}")
+        return v
+
+
+class ChecksConfig(_Model):
+    """Checks every model reply passes before it is an `ok` row (pipeline/checks.py); a reply that fails one is
+    retried (`tasks[].retries`) and then becomes an error row `reply_truncated`, `reply_repetitive`, `reply_empty`
+    or `reply_invalid`, with the reply kept in `text` for inspection."""
+
+    enabled: bool = Field(True, description="Run the checks; off, every reply is `ok` (a reasoning block is still "
+                          "removed from `text`).")
+    truncated: bool = Field(True, description="A reply cut at the token cap (finish_reason `length`) fails: the end "
+                            "of the page or table is missing.")
+    repetition_min_share: float = Field(
+        0.4, gt=0, le=1, description="A reply fails as repetitive when one loop covers at least this share of its "
+        "characters (whitespace collapsed): a chunk of up to `repetition_max_period` characters repeated back to back, "
+        "or one line repeated anywhere, `repetition_min_repeats` times or more."
+    )
+    repetition_min_repeats: int = Field(8, ge=2, description="Fewest repeats of the chunk or line that count as a loop.")
+    repetition_max_period: int = Field(256, ge=1, le=4096, description="Longest repeated chunk looked for, in characters.")
+    repetition_min_chars: int = Field(
+        64, ge=1, description="Loops shorter than this many characters never fail a reply (a row of dots, `|---|---|`)."
+    )
+    allow_empty_tasks: list[TaskName] = Field(
+        default_factory=lambda: ["table"], description="Tasks whose empty reply (not cut at the cap) is a valid "
+        "answer: `table` by default, whose prompt asks for nothing on a page without tables (most pages); add "
+        "`ocr` for corpora with blank pages. For other tasks an empty, whitespace-only or null reply fails as "
+        "`reply_empty`."
+    )
+    reasoning_tags: tuple[str, str] = Field(
+        ("<think>", "</think>"), description="Open and close tags of a reasoning block. The block is removed from "
+        "`text`; a reply that is only a reasoning block (or one the cap cut inside it) has no answer."
+    )
+    validate_tasks: bool = Field(True, description="Task validity checks: a `table` reply must parse into tables of "
+                                 "at least one row with a consistent column count (pipeline/tables.py).")
+    text_layer_fallback: bool = Field(
+        True, description="OCR of a PDF page whose every attempt failed uses the page's text layer instead when it "
+        "passes pdf.text_layer_min_chars/min_quality (`output_source` text_layer_fallback; `retry_reasons` says why)."
+    )
+
+
+class DocumentsConfig(_Model):
+    """How unit outcomes make a document's status."""
+
+    max_failed_unit_share: float = Field(
+        0.1, ge=0, le=1, description="A document with more than this share of failed units (any task in error) is "
+        "`error`; with fewer, but at least one, `partial`. A document with no ok result is always `error`."
+    )
 
 
 class OutputConfig(_Model):
@@ -358,6 +424,8 @@ class JobConfig(_Model):
     video: VideoConfig = Field(default_factory=VideoConfig, description="Video sampling.")
     tiling: TilingConfig = Field(default_factory=TilingConfig, description="Tiling of oversized images and pages.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster.")
+    checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Reply checks and their thresholds.")
+    documents: DocumentsConfig = Field(default_factory=DocumentsConfig, description="Document status rules.")
 
     @field_validator("tasks")
     @classmethod

@@ -2,8 +2,9 @@
 
 The stage owns what every engine needs and none should re-implement: turning unit rows into
 requests, passing error units through as error rows, retrying a failed batch one request at a time
-(bounded), and casting every output batch to the results schema (so an all-error batch still writes
-typed columns).
+(bounded), checking every reply and asking again for those that fail a check (pipeline/checks.py),
+and casting every output batch to the results schema (so an all-error batch still writes typed
+columns).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
+    from pipeline.checks import Attempts
     from pipeline.guards import Verdict
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,31 @@ class InferStage:
         out, todo = self._split(batch, now)
         if todo:
             t0 = time.perf_counter()
-            replies = self._generate([r for _, _, r in todo])
+            outcomes = self._generate_checked(todo)
             per_ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
-            for (unit, task, _), reply in zip(todo, replies, strict=True):
-                out.append(self._reply_row(unit, task, reply, per_ms, now))
+            for (unit, task, _), outcome in zip(todo, outcomes, strict=True):
+                out.append(self._reply_row(unit, task, outcome, per_ms, now))
         return to_table(out, STREAM_SCHEMA)
+
+    def _generate_checked(self, todo: list[tuple[dict[str, Any], ResolvedTask, Request]]) -> list["Attempts"]:
+        """Generate, check every reply (pipeline/checks.py) and send the failed ones again, in rounds
+        of one engine call each, until each passes or its task's retries are spent."""
+        from pipeline.checks import Attempts
+
+        outcomes = [Attempts(task, request, self.job.checks) for _, task, request in todo]
+        pending = list(range(len(todo)))
+        requests = [request for _, _, request in todo]
+        while pending:
+            replies = self._generate(requests)
+            retry = []
+            for i, reply in zip(pending, replies, strict=True):
+                again = outcomes[i].take(reply)
+                if again is not None:
+                    retry.append((i, again))
+            if retry:
+                log.info("%d of %d replies failed a reply check; retrying them", len(retry), len(pending))
+            pending, requests = [i for i, _ in retry], [r for _, r in retry]
+        return outcomes
 
     def _guard(self, unit: dict[str, Any], task: ResolvedTask) -> "Verdict | None":
         """Estimate the unit's prompt against the context limit (None: no limit known, no check)."""
@@ -228,15 +250,36 @@ class InferStage:
             log.error("rebuilding the engine failed: %s", build_err)
             self.rebuilds_left = 0
 
-    def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, reply: Reply, ms: float, now: datetime) -> dict[str, Any]:
+    def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, outcome: "Attempts", ms: float,
+                   now: datetime) -> dict[str, Any]:
+        """The row of a unit's last reply: ok when it passed the checks; else the page's text layer
+        (OCR of a page, `checks.text_layer_fallback`) or an error row `reply_*` that keeps the reply."""
+        from pipeline.checks import ERROR_TYPES
+
+        reply, verdict = outcome.reply, outcome.verdict
+        assert reply is not None
+        tries = {"attempts": outcome.count, "retry_reasons": outcome.reasons}
         if reply.error_type:
             return self._row(unit, task, now, status="error", error_type=reply.error_type,
-                             error_message=reply.error_message, infer_ms=ms)
-        return self._row(
-            unit, task, now, status="ok", text=reply.text, output_source="model",
-            finish_reason=reply.finish_reason, prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens, infer_ms=ms,
-        )
+                             error_message=reply.error_message, infer_ms=ms, **tries)
+        assert verdict is not None
+        model = {"finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
+                 "completion_tokens": reply.completion_tokens, "infer_ms": ms, **tries}
+        if verdict.ok:
+            return self._row(unit, task, now, status="ok", text=verdict.text, output_source="model",
+                             tables=verdict.tables, **model)
+        if self._falls_back(unit, task):
+            return self._row(unit, task, now, status="ok", text=unit["text_layer"],
+                             output_source="text_layer_fallback", **model)
+        return self._row(unit, task, now, status="error", error_type=ERROR_TYPES[verdict.reason or "invalid"],
+                         error_message=f"after {outcome.count} attempt(s) at temperatures "
+                         f"{', '.join(f'{t:g}' for t in outcome.temperatures)}: {verdict.message}"[:2000],
+                         text=verdict.text, output_source="model", tables=verdict.tables, **model)
+
+    def _falls_back(self, unit: dict[str, Any], task: ResolvedTask) -> bool:
+        """OCR of a whole page (not a tile: the layer covers the page) with a usable text layer."""
+        return (self.job.checks.text_layer_fallback and task.name == "ocr" and unit["tile_index"] is None
+                and self._text_layer_usable(unit))
 
     def _marker_row(self, unit: dict[str, Any], now: datetime) -> dict[str, Any]:
         """A source's end marker in the results stream (schemas.records.STREAM_SCHEMA); never written."""

@@ -39,6 +39,7 @@ from pipeline.infer import InferStage, RunContext
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from pipeline.checks import Attempts
     from pipeline.config import JobConfig
     from pipeline.tasks import ResolvedTask
 
@@ -201,13 +202,13 @@ class AsyncInferStage(InferStage):
         if not self._streaming:  # other engines: the synchronous path, one batch at a time
             async with self._sync_lock:  # type: ignore[union-attr]
                 t0 = time.perf_counter()
-                replies = await asyncio.to_thread(self._generate, [r for _, _, r in todo])
+                outcomes = await asyncio.to_thread(self._generate_checked, todo)
             ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
-            yield to_table([self._reply_row(u, t, rep, ms, now) for (u, t, _), rep in zip(todo, replies, strict=True)],
+            yield to_table([self._reply_row(u, t, o, ms, now) for (u, t, _), o in zip(todo, outcomes, strict=True)],
                            STREAM_SCHEMA)
             return
         t0 = time.perf_counter()
-        tasks = {asyncio.ensure_future(self._answer(req)): (unit, task) for unit, task, req in todo}
+        tasks = {asyncio.ensure_future(self._answer_checked(task, req)): (unit, task) for unit, task, req in todo}
         try:
             pending = set(tasks)
             while pending:
@@ -221,6 +222,17 @@ class AsyncInferStage(InferStage):
             for fut in tasks:
                 fut.cancel()
             self._flush_trace()
+
+    async def _answer_checked(self, task: "ResolvedTask", request: Request) -> "Attempts":
+        """One unit's attempts: each reply checked (pipeline/checks.py) and, when it fails, the
+        request sent again on its own with the task's next temperature, without waiting for others."""
+        from pipeline.checks import Attempts
+
+        outcome = Attempts(task, request, self.job.checks)
+        next_request: Request | None = request
+        while next_request is not None:
+            next_request = outcome.take(await self._answer(next_request))
+        return outcome
 
     async def _answer(self, request: Request) -> Reply:
         """One request through the driver; a dead engine is rebuilt (bounded per actor) and the

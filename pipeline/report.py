@@ -25,7 +25,10 @@ def render(summary: RunSummary) -> str:
     ]
     errors = Counter(summary.errors)
     if errors:
-        lines.append("  errors     " + ", ".join(f"{k} x{v}" for k, v in errors.most_common()))
+        lines.append("  errors     " + ", ".join(f"{k} x{v}" for k, v in errors.most_common()) + " (result rows)")
+    flags = Counter(summary.flags)
+    if flags:
+        lines.append("  flags      " + ", ".join(f"{k} x{v}" for k, v in flags.most_common()) + " (documents)")
     width = max((len(d["source_uri"]) for d in summary.documents), default=0)
     for d in summary.documents[:20]:
         detail = f"{d['units_ok']}/{d['num_units']} units ok"

@@ -44,7 +44,8 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     documents: list[dict[str, Any]] = field(default_factory=list)  # the first documents rows, for the screen
-    errors: dict[str, int] = field(default_factory=dict)  # documents by error type
+    errors: dict[str, int] = field(default_factory=dict)  # failed result rows by error type
+    flags: dict[str, int] = field(default_factory=dict)  # documents by flag (pdf_repaired, lost_units, ...)
     retried: dict[str, int] = field(default_factory=dict)  # re-run sources by the error type that made them
     message: str | None = None  # why a run failed or stopped
 
@@ -128,7 +129,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         "model": {"name": model_id, "family": family, "display": spec.display, "engine": engine},
         "tasks": {n: {"prompt_version": t.prompt_version, "fingerprint": fps[n]} for n, t in tasks.items()},
         "retry_policy": retry.describe(), "counts": summary.counts, "timings": summary.timings,
-        "errors": summary.errors, "retried": summary.retried, "versions": _versions(),
+        "errors": summary.errors, "flags": summary.flags, "retried": summary.retried, "versions": _versions(),
         # SecretStr fields dump as '**********': credentials never reach the run record.
         "config": job.model_dump(mode="json"),
     }
@@ -137,7 +138,8 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         work = _plan_work(job, layout, fps, retry, summary)
         _write_record(layout, record)
         t_plan = time.perf_counter()
-        publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression)
+        publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression,
+                                     max_failed_unit_share=job.documents.max_failed_unit_share)
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,
@@ -394,6 +396,7 @@ def _finish(layout: Any, record: dict[str, Any], summary: RunSummary, publisher:
     c = summary.counts
     c.update({k: v for k, v in publisher.counts.items()})
     summary.errors.update(publisher.errors)
+    summary.flags.update(publisher.flags)
     summary.documents = publisher.shown
     summary.timings.update(discover_s=round(t_plan - t_start, 3), pipeline_s=round(time.perf_counter() - t_plan, 3),
                            total_s=round(time.perf_counter() - t_start, 3))

@@ -177,9 +177,14 @@ def prior_of(state: dict[str, Any] | None) -> Prior | None:
 
 
 def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_id: str, now: datetime,
-                 with_text: bool, moved: list[dict[str, Any]] = ()) -> dict[str, Any]:
+                 with_text: bool, moved: list[dict[str, Any]] = (), max_failed_unit_share: float = 0.1) -> dict[str, Any]:
     """The documents row of a published source, from all of its result rows (this run's and the
     rows of tasks it did not redo, `moved` from its earlier window).
+
+    Status (documents.max_failed_unit_share, the olmOCR rule of a maximum failed-page rate): `error`
+    when no result is ok or more than `max_failed_unit_share` of its units failed (a unit failed
+    when any of its tasks did), `partial` when fewer failed, `ok` when none did. Flags such as
+    `pdf_repaired` on a document whose rows are all ok stay flags: the status is `ok`.
 
     A complete source commits the fingerprints of every task this run did for it, including tasks
     that do not apply to it (so a rerun does not retry them). A source with no rows at all is an
@@ -205,14 +210,18 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
     c = d["counts"]
     units_failed = sum(1 for s in d["units"].values() if "error" in s)
     units_ok = sum(1 for s in d["units"].values() if all(x == "ok" for x in s))
+    etype, emsg = d["error"] or (None, None)
     if c["error"] == 0:
         status = "skipped" if c["ok"] == 0 else "ok"
     else:
-        status = "error" if c["ok"] == 0 else "partial"
+        share = units_failed / len(d["units"]) if d["units"] else 0.0
+        status = "error" if c["ok"] == 0 or share > max_failed_unit_share else "partial"
+        if c["ok"] and status == "error":
+            emsg = (f"{units_failed} of {len(d['units'])} units failed ({share:.0%}, above "
+                    f"documents.max_failed_unit_share {max_failed_unit_share:g}); first: {emsg}")
     text = None
     if with_text and d["media_type"] == "pdf" and d["texts"]:
         text = "\n\n".join(d["texts"][i] for i in sorted(d["texts"]))
-    etype, emsg = d["error"] or (None, None)
     flags = set(d["flags"])
     failures = [{"task": t, "error_type": e, "count": n} for (t, e), n in sorted(d["failures"].items())]
     if not src.complete:
@@ -221,11 +230,8 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
         status = "partial" if c["ok"] else "error"
         etype, emsg = "lost_units", ("some units of this source never came back from the pipeline; "
                                      "the next run redoes its tasks")
-    elif status == "ok" and "pdf_repaired" in flags:
-        # A damaged PDF opens "repaired" and renders without errors, with pages missing or blank:
-        # calling it ok would be a silent loss (DESIGN.md section 6).
-        status, etype = "partial", "pdf_repaired"
-        emsg = "the PDF was damaged and repaired on open; pages may be missing or blank (see units' flags)"
+    # A repaired PDF whose rows are all ok stays `ok` with its `pdf_repaired` flag (pages may be missing
+    # or blank, DESIGN.md section 6): the run summary lists it under flags, not among errors.
     return {**base, "media_type": d["media_type"], "num_units": len(d["units"]), "units_ok": units_ok,
             "units_failed": units_failed, "results_ok": c["ok"], "results_failed": c["error"], "status": status,
             "error_type": etype, "error_message": emsg, "tasks": sorted(d["tasks"]),

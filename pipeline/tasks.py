@@ -77,6 +77,16 @@ class ResolvedTask:
     temperature: float
     text_layer: str = "ignore"  # ignore | hint | use
     hint_max_chars: int = 4000
+    retries: int = 0  # reply-check retries (pipeline/checks.py)
+    retry_temperatures: tuple[float, ...] = ()
+    retry_max_new_tokens: int | None = None
+
+    def retry_temperature(self, retry: int) -> float:
+        """Temperature of retry number `retry` (1-based): the schedule's entry, its last one past its end,
+        the task's own temperature when the schedule is empty."""
+        if not self.retry_temperatures:
+            return self.temperature
+        return self.retry_temperatures[min(retry, len(self.retry_temperatures)) - 1]
 
     def prompt_for(self, text_layer: str | None) -> str:
         """The prompt for one unit: with `hint`, the page's text layer is appended (bounded)."""
@@ -98,7 +108,8 @@ def resolve_task(cfg: TaskConfig) -> ResolvedTask:
     if cfg.text_layer == "hint":
         version += "+hint"  # a different question: a rerun must not mix hinted and plain answers
     return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature,
-                        cfg.text_layer, cfg.hint_max_chars)
+                        cfg.text_layer, cfg.hint_max_chars, cfg.retries, tuple(cfg.retry_temperatures),
+                        cfg.retry_max_new_tokens)
 
 
 def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobConfig | None = None) -> str:

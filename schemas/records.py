@@ -18,6 +18,12 @@ STATUS_ERROR = "error"
 #: Document status when some but not all of its units failed.
 STATUS_PARTIAL = "partial"
 
+#: Tables parsed from a reply: per table its column count and its rows of cells, header rows marked.
+TABLES_TYPE = pa.list_(pa.struct([
+    pa.field("columns", pa.int32()),
+    pa.field("rows", pa.list_(pa.struct([pa.field("header", pa.bool_()), pa.field("cells", pa.list_(pa.string()))]))),
+]))
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("schema_version", pa.string(), nullable=False),
@@ -34,7 +40,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("text", pa.string()),  # OCR text, markdown table or caption
-        pa.field("output_source", pa.string()),  # model (later: text_layer)
+        pa.field("output_source", pa.string()),  # model | text_layer | text_layer_fallback (pipeline/checks.py)
         pa.field("finish_reason", pa.string()),
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
@@ -54,6 +60,11 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string(), nullable=False),
         pa.field("fingerprint", pa.string(), nullable=False),  # task+model+prompt+params: the resume key
         pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        # Reply checks (pipeline/checks.py): engine calls made for this row (1 = first reply passed;
+        # null: no model reply, e.g. text_layer rows) and the failed check of every failed attempt.
+        pa.field("attempts", pa.int32()),
+        pa.field("retry_reasons", pa.list_(pa.string())),
+        pa.field("tables", TABLES_TYPE),  # tables of `table` and `ocr` replies as data (pipeline/tables.py)
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )

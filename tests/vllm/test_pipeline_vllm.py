@@ -57,6 +57,7 @@ engine:
   max_retries: 1
   vllm: {{load_format: dummy, enforce_eager: true, max_model_len: {max_model_len}, cpu_kvcache_space_gib: 1}}
 ray: {{num_cpus: 2}}
+checks: {{enabled: false}}  # dummy weights run to the cap; reply checks through vLLM: tests/vllm/test_async_stage.py
 """
 
 DEFAULT_TASKS = """  - {name: ocr, max_new_tokens: 4}
