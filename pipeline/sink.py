@@ -210,7 +210,7 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
     else:
         status = "error" if c["ok"] == 0 else "partial"
     text = None
-    if with_text and d["media_type"] == "pdf" and d["texts"]:
+    if with_text and d["media_type"] in ("pdf", "document") and d["texts"]:
         text = "\n\n".join(d["texts"][i] for i in sorted(d["texts"]))
     etype, emsg = d["error"] or (None, None)
     flags = set(d["flags"])

@@ -121,7 +121,7 @@ class PagePlan:
 def plan_pdf(
     data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
     tile_min_area: float = 0.0, fit: Callable[[int, int], tuple[int, int] | None] | None = None,
-    on_page: PageHook | None = None,
+    on_page: PageHook | None = None, filetype: str | None = "pdf",
 ) -> Iterator[list[PagePlan]]:
     """The pages of a PDF as groups of up to `cfg.plan_ahead_pages` planned pages, in page order
     (arguments as in `expand_pdf`); render each plan in turn.
@@ -136,9 +136,11 @@ def plan_pdf(
     where they cost 3-5x their warm price (about 20% on top of the render). Interpreting a group of
     pages back to back, then rendering them back to back, keeps each kind of work warm; the
     caller can also build one metadata table per group. Only display lists wait, never pixels.
+    `filetype` None lets MuPDF recognise another document type by content (XPS, EPUB, CBZ, SVG...;
+    pipeline/media/identify.py decides which files go this way).
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
-    doc = _open(data, limits)
+    doc = _open(data, limits, filetype)
     try:
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
@@ -186,13 +188,13 @@ def choose_dpi(width_pt: float, height_pt: float, cfg: PdfConfig, pixel_budget: 
     return min(max(dpi, cfg.min_dpi), cfg.max_dpi)
 
 
-def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
+def _open(data: bytes, limits: LimitsConfig, filetype: str | None = "pdf") -> pymupdf.Document:
     if not data:
         raise MediaError("empty_file", "the PDF has zero bytes")
     if len(data) > limits.max_bytes:
         raise MediaError("file_too_large", f"{len(data)} bytes exceeds limits.max_bytes={limits.max_bytes}")
     try:
-        doc = pymupdf.open(stream=data, filetype="pdf")
+        doc = pymupdf.open(stream=data, filetype=filetype)
     except pymupdf.EmptyFileError as err:
         raise MediaError("empty_file", f"MuPDF found no content: {err}") from None
     except (pymupdf.FileDataError, RuntimeError, ValueError) as err:

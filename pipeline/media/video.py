@@ -75,8 +75,8 @@ class ClipPlan:
 def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig) -> Iterator[MediaUnit]:
     """Yield one "clip" unit per cfg.clip_seconds of video, each with its sampled frames and their times.
 
-    Raises MediaError: "empty_file", "file_too_large", "video_decode_failed" (not a video, no video
-    stream, nothing decodable), "video_too_long", "video_too_large" (frame size over limits.max_pixels).
+    Raises MediaError: "empty_file", "file_too_large", "no_video_stream" (audio, with or without cover
+    art), "video_decode_failed" (not a video, nothing decodable), "video_too_long", "video_too_large" (frame size over limits.max_pixels).
     """
     if not data:
         raise MediaError("empty_file", "the video has zero bytes")
@@ -171,9 +171,14 @@ def _open(data: bytes) -> av.container.InputContainer:
 
 
 def _video_stream(container: av.container.InputContainer, limits: LimitsConfig) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        raise MediaError("video_decode_failed", "the file has no video stream")
-    stream = container.streams.video[0]
+    from pipeline.media.identify import is_attached_picture
+
+    # An attached picture (the cover art of an MP3/M4A) is a one-frame "video" stream, not video.
+    streams = [s for s in container.streams.video if not is_attached_picture(s)]
+    if not streams:
+        what = "audio only, a cover picture is not video" if container.streams.audio else "no audio either"
+        raise MediaError("no_video_stream", f"the file has no video stream ({what})")
+    stream = streams[0]
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > limits.max_pixels:
         raise MediaError(
@@ -208,7 +213,9 @@ def scan_packets(data: bytes) -> PacketScan:
     last = None
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            stream = container.streams.video[0]
+            from pipeline.media.identify import is_attached_picture
+
+            stream = next(s for s in container.streams.video if not is_attached_picture(s))
             start = _start_time(stream)
             for packet in container.demux(stream):
                 if packet.pts is None or packet.time_base is None:
@@ -218,7 +225,7 @@ def scan_packets(data: bytes) -> PacketScan:
                 last = end if last is None else max(last, end)
                 if packet.is_keyframe:
                     scan.keyframes.append((t - start, int(packet.pts)))
-    except (av.FFmpegError, OSError, ValueError, IndexError):
+    except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration):
         pass
     else:
         scan.duration = None if last is None else last - start
