@@ -373,6 +373,46 @@ class ConfigError(ValueError):
     """A job file that cannot run; the message names the field and the fix."""
 
 
+SECRET_OPTION_NAME = re.compile(r"(secret|passw|token|key|credential|auth|signature|private|sas)", re.IGNORECASE)
+"""Storage option names whose values are credentials (`key`, `secret`, `token`, `password`,
+`account_key`, `sas_token`, an `Authorization` header...), in any protocol and at any depth."""
+MASK = "**********"
+"""What a masked value reads as (the same as pydantic's SecretStr)."""
+_URL_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+
+
+def mask_secrets(value: Any, secret: bool = False) -> Any:
+    """A copy of JSON-like `value` with every value under a credential-like key (SECRET_OPTION_NAME),
+    whatever its type, replaced by MASK, and `user:password@` removed from URLs in strings."""
+    if secret and value is not None:
+        return MASK
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, bool(SECRET_OPTION_NAME.search(str(k)))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value)
+    return value
+
+
+def public_dump(job: JobConfig) -> dict[str, Any]:
+    """The job as JSON for people and records (`cpmv validate`, runs/<attempt>.json): SecretStr fields
+    and every credential-like storage option masked. Never dump a job any other way where it is shown
+    or stored."""
+    data = _mask_urls(job.model_dump(mode="json"))
+    # Key names decide only inside storage.options: elsewhere "max_new_tokens" is no credential.
+    data["storage"]["options"] = mask_secrets(data["storage"]["options"])
+    return data
+
+
+def _mask_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_urls(v) for v in value]
+    return _URL_USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
