@@ -89,6 +89,11 @@ class LimitsConfig(_Model):
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest decoded image (width*height), checked from the header before decoding."
     )
+    min_image_side: int = Field(
+        4, ge=1, description="Smallest side, in pixels, of an image sent to the model; smaller images become "
+        "`image_too_small` rows before the engine (the MiniCPM-V 2.x-4.5 image processors raise on images 1 or 3 "
+        "pixels high: they take such an array for channels-first)."
+    )
     max_pages: int = Field(2000, ge=1, description="Most pages expanded from one PDF; later pages become error rows.")
     max_video_seconds: float = Field(4 * 3600.0, gt=0, description="Longest video accepted, in seconds.")
     max_frames: int = Field(512, ge=1, description="Most frames sampled from one video in total.")
@@ -166,10 +171,16 @@ class TilingConfig(_Model):
 class ImageConfig(_Model):
     """Image decoding."""
 
-    multi_frame: Literal["first", "all"] = Field(
-        "first", description="Multi-frame files (GIF, TIFF, WebP): `first` frame only, or `all` frames as units."
+    multi_frame: Literal["auto", "first", "all"] = Field(
+        "auto", description="Multi-frame files. `auto`: every page of a multi-page still (TIFF, DCX) is a unit, "
+        "like a PDF page; an animation (GIF, APNG, WebP, FLI) gives its first frame (flag `animation_first_frame`); "
+        "other multi-image files (PSD layers, icon sizes) their main image. `first`: the first frame only (a "
+        "multi-page still is then `partial`, flag `multi_frame_first_only`). `all`: every frame."
     )
-    max_frames: int = Field(64, ge=1, description="With multi_frame=all, the most frames taken from one file.")
+    max_frames: int = Field(
+        64, ge=1, description="Most frames (pages) taken from one image file; beyond it the document is `partial` "
+        "(flag `multi_frame_capped`)."
+    )
 
 
 class VideoConfig(_Model):

@@ -221,6 +221,11 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
         status = "partial" if c["ok"] else "error"
         etype, emsg = "lost_units", ("some units of this source never came back from the pipeline; "
                                      "the next run redoes its tasks")
+    elif status == "ok" and flags & _SKIPPED_FRAMES:
+        # Pages of a multi-page image left out (a policy or image.max_frames): never silently ok.
+        status, etype = "partial", "frames_skipped"
+        emsg = (f"some frames (pages) of the file were not expanded ({', '.join(sorted(flags & _SKIPPED_FRAMES))}; "
+                "see image.multi_frame and image.max_frames)")
     elif status == "ok" and "pdf_repaired" in flags:
         # A damaged PDF opens "repaired" and renders without errors, with pages missing or blank:
         # calling it ok would be a silent loss (DESIGN.md section 6).
@@ -231,6 +236,11 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
             "error_type": etype, "error_message": emsg, "tasks": sorted(d["tasks"]),
             "fingerprints": sorted(kept.values()), "committed": committed, "failures": failures,
             "flags": sorted(flags), "text": text}
+
+
+# Unit flags saying frames of the source were left out (pipeline/media/image.py SKIPPED_FRAME_FLAGS;
+# kept here as strings so that the sink does not import the image decoders).
+_SKIPPED_FRAMES = frozenset({"multi_frame_first_only", "multi_frame_capped"})
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
