@@ -98,3 +98,37 @@ def pdf_bytes(pages: int = 2, text: str = "Hostile page") -> bytes:
     out = doc.tobytes()
     doc.close()
     return out
+
+
+def _pages_xref(doc: pymupdf.Document) -> int:
+    return int(doc.xref_get_key(doc.pdf_catalog(), "Pages")[1].split()[0])
+
+
+def pdf_lying_count(pages: int = 3, claimed: int = 5) -> bytes:
+    """A PDF whose page tree's /Count claims more pages than its /Kids hold."""
+    doc = pymupdf.open(stream=pdf_bytes(pages), filetype="pdf")
+    doc.xref_set_key(_pages_xref(doc), "Count", str(claimed))
+    return doc.tobytes()
+
+
+def pdf_broken_page_reference(pages: int = 3, index: int = 1) -> bytes:
+    """A PDF whose page tree points, for page `index`, to an object number the file does not have."""
+    doc = pymupdf.open(stream=pdf_bytes(pages), filetype="pdf")
+    kids = [doc[i].xref for i in range(pages)]
+    kids[index] = doc.xref_length() + 100
+    doc.xref_set_key(_pages_xref(doc), "Kids", "[" + " ".join(f"{k} 0 R" for k in kids) + "]")
+    return doc.tobytes()
+
+
+def pdf_null_page_object(pages: int = 3, index: int = 1) -> bytes:
+    """A PDF whose page `index` object is gone (null): MuPDF renders a blank Letter page in its place."""
+    doc = pymupdf.open(stream=pdf_bytes(pages), filetype="pdf")
+    doc.update_object(doc[index].xref, "null")
+    return doc.tobytes()
+
+
+def pdf_missing_content_stream(pages: int = 3, index: int = 1) -> bytes:
+    """A PDF whose page `index` names a content stream object the file does not have."""
+    doc = pymupdf.open(stream=pdf_bytes(pages), filetype="pdf")
+    doc.xref_set_key(doc[index].xref, "Contents", f"{doc.xref_length() + 50} 0 R")
+    return doc.tobytes()
