@@ -132,3 +132,24 @@ def pdf_missing_content_stream(pages: int = 3, index: int = 1) -> bytes:
     doc = pymupdf.open(stream=pdf_bytes(pages), filetype="pdf")
     doc.xref_set_key(doc[index].xref, "Contents", f"{doc.xref_length() + 50} 0 R")
     return doc.tobytes()
+
+
+def video_with_display(degrees: int, hflip: bool, vflip: bool, size: tuple[int, int] = (64, 32),
+                       frames: int = 10) -> tuple[bytes, np.ndarray]:
+    """A lossless H.264 MP4 whose container display matrix rotates `degrees` counter-clockwise, then
+    mirrors (PyAV's set_display_rotation), and the coded picture (red top-left, blue bottom-right)."""
+    w, h = size
+    coded = np.zeros((h, w, 3), np.uint8)
+    coded[: h // 2, : w // 2] = (255, 0, 0)
+    coded[h // 2:, 3 * w // 4:] = (0, 0, 255)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=10, options={"qp": "0"})
+        s.width, s.height, s.pix_fmt = w, h, "yuv444p"
+        s.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        for _ in range(frames):
+            for p in s.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue(), coded

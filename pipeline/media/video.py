@@ -426,15 +426,68 @@ class _Sampler:
         return unit
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        """Resize during the pixel-format conversion (one swscale pass), then apply the display rotation."""
+        """Resize during the pixel-format conversion (one swscale pass), then apply the display matrix."""
         width, height = display_size(frame.width, frame.height, self.sar, self.max_side)
         array = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
-        quarter_turns = round((frame.rotation or 0) / 90) % 4
-        if quarter_turns:
+        ops = display_ops(display_matrix(frame))
+        if ops:
             self.rotated = True
-            # frame.rotation is counter-clockwise degrees, like np.rot90's positive k.
-            array = np.ascontiguousarray(np.rot90(array, k=quarter_turns))
+            array = apply_display_ops(array, ops)
         return array
+
+
+def display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    """The frame's display matrix (FFmpeg's AV_FRAME_DATA_DISPLAYMATRIX: 9 int32, 16.16 fixed point
+    except the last column, 2.30), or None when the file sets none."""
+    for side in frame.side_data:
+        if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            raw = bytes(side)
+            if len(raw) == 36:
+                return tuple(int(v) for v in np.frombuffer(raw, dtype=np.int32))
+    return None
+
+
+def display_ops(matrix: tuple[int, ...] | None) -> tuple[str, ...]:
+    """What FFmpeg's autorotate applies for a display matrix (fftools/ffmpeg_filter.c,
+    configure_input_video_filter), as a sequence of operations:
+    "transpose", "clock", "cclock", "clock_flip" (the `transpose` filter's directions), "hflip",
+    "vflip". Rotations that are not quarter turns are left alone (FFmpeg would rotate and pad)."""
+    if matrix is None:
+        return ()
+    m = matrix
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return ()
+    # av_display_rotation_get, negated and normalised to [0, 360) as get_rotation() does.
+    theta = round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return ("transpose",) if m[3] > 0 else ("clock",)  # "cclock_flip" is a plain transpose
+    if abs(theta - 180) < 1:
+        return tuple(op for op, neg in (("hflip", m[0] < 0), ("vflip", m[4] < 0)) if neg)
+    if abs(theta - 270) < 1:
+        return ("clock_flip",) if m[3] < 0 else ("cclock",)
+    if abs(theta) < 1 and m[4] < 0:
+        return ("vflip",)
+    return ()
+
+
+def apply_display_ops(array: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
+    """Apply `display_ops` to an (H, W, 3) frame; returns a contiguous array."""
+    for op in ops:
+        if op == "hflip":
+            array = array[:, ::-1]
+        elif op == "vflip":
+            array = array[::-1]
+        elif op == "transpose":
+            array = array.transpose(1, 0, 2)
+        elif op == "clock":
+            array = np.rot90(array, k=-1)
+        elif op == "cclock":
+            array = np.rot90(array, k=1)
+        elif op == "clock_flip":
+            array = array[::-1, ::-1].transpose(1, 0, 2)
+    return np.ascontiguousarray(array)
 
 
 # --------------------------------------------------------------------------------------------------
