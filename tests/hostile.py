@@ -153,3 +153,35 @@ def video_with_display(degrees: int, hflip: bool, vflip: bool, size: tuple[int, 
         for p in s.encode():
             c.mux(p)
     return buf.getvalue(), coded
+
+
+def long_video(hours: float = 10.0, every_s: int = 600, size: tuple[int, int] = (32, 24)) -> bytes:
+    """A tiny MP4 that lasts `hours` (one frame every `every_s` seconds): its header says how long."""
+    from fractions import Fraction
+
+    buf = io.BytesIO()
+    w, h = size
+    with av.open(buf, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=Fraction(1, every_s))
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.time_base = Fraction(every_s, 1)  # one tick per frame interval
+        n = int(hours * 3600 / every_s)
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i % 256, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(every_s, 1)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels and holds no image data (a pixel bomb's header)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

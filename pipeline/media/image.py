@@ -8,6 +8,7 @@ side effect and hides decode errors behind the EXIF try/except).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -110,7 +111,10 @@ def _open(data: bytes, limits: LimitsConfig) -> Image.Image:
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         # Pillow's guard fires from the header too; say which job limit applies and how to change it.
-        raise MediaError("image_too_large", f"{err} (limits.max_pixels={limits.max_pixels})") from None
+        # Its text names Pillow's own threshold (twice MAX_IMAGE_PIXELS), not the job's: say the job's.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{found.group(1)} pixels" if found else "the image's pixel count"
+        raise MediaError("image_too_large", f"{size} (from the header) exceeds limits.max_pixels={limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise MediaError("image_decode_failed", f"Pillow cannot read the image header: {describe(err)}") from None
     _check_pixels(im, limits)

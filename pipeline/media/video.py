@@ -45,7 +45,7 @@ import av
 import numpy as np
 
 from pipeline.config import LimitsConfig, VideoConfig
-from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.base import MediaError, MediaUnit, describe
 from pipeline.media.stacking import STACK_LINE_WIDTH, stack_grid, stack_layout
 
 _EPS = 1e-6
@@ -167,7 +167,7 @@ def _open(data: bytes) -> av.container.InputContainer:
     try:
         return av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise MediaError("video_decode_failed", f"FFmpeg could not open the file: {err}") from None
+        raise MediaError("video_decode_failed", f"FFmpeg could not open the file as a video: {describe(err)}") from None
 
 
 def _video_stream(container: av.container.InputContainer, limits: LimitsConfig) -> av.video.stream.VideoStream:
@@ -291,7 +291,7 @@ def _decode_clips(
             if not jumped:
                 break  # end of stream (or all targets served)
     except (av.FFmpegError, OSError, ValueError) as err:
-        error = f"{type(err).__name__}: {err}"
+        error = f"FFmpeg stopped decoding: {describe(err)}"
     if decoded == 0:
         raise MediaError("video_decode_failed", f"no frame could be decoded{': ' + error if error else ''}")
     yield from sampler.finish(error)
