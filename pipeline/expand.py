@@ -1,4 +1,5 @@
-"""Stage 1 (CPU actors): read a source, sniff it, expand it into units with pixels ready for the engine.
+"""Stage 1 (CPU actors): read a source, identify it by its decoders, expand it into units with pixels
+ready for the engine.
 
 Every source yields at least one row: its units, or one `unit_index = -1` row saying why it has none.
 Pixels travel as raw RGB bytes (no PNG/JPEG encode: encoding, not rendering, is the CPU cost; see
