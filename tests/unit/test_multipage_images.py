@@ -41,10 +41,17 @@ def test_animation_policy_is_first_frame_flagged() -> None:
 
 
 def test_skipped_pages_make_the_document_partial() -> None:
-    from pipeline.sink import _SKIPPED_FRAMES
     from pipeline.media.image import SKIPPED_FRAME_FLAGS
+    from pipeline.sink import _SKIPPED_FRAMES
+    from tests.unit.test_sink import complete, doc, row
 
-    assert _SKIPPED_FRAMES == SKIPPED_FRAME_FLAGS  # the sink's copy of the rule (checked with a run elsewhere)
+    assert _SKIPPED_FRAMES == SKIPPED_FRAME_FLAGS  # the sink's copy of the image module's rule
+    for flag in sorted(SKIPPED_FRAME_FLAGS):
+        d = doc(complete("t", [row("t", 0, "ocr", "ok", media="image", flags=[flag])], tasks=("ocr",)))
+        assert d["status"] == "partial" and d["error_type"] == "frames_skipped" and flag in d["error_message"]
+    # An animation's first frame is the stated policy, not a loss.
+    d = doc(complete("g", [row("g", 0, "ocr", "ok", media="image", flags=["animation_first_frame"])], tasks=("ocr",)))
+    assert d["status"] == "ok" and d["error_type"] is None
 
 
 def test_inspect_tiff_pages(tmp_path: Path, capsys) -> None:
