@@ -38,14 +38,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.config import load_job
+    from pipeline.config import load_job, public_dump
 
     try:
         job = load_job(args.job, args.set)
     except ConfigError as err:
         print(f"cpmv: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(job.model_dump(mode="json"), indent=2))
+    print(json.dumps(public_dump(job), indent=2))
     return 0
 
 

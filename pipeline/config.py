@@ -89,6 +89,11 @@ class LimitsConfig(_Model):
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest decoded image (width*height), checked from the header before decoding."
     )
+    min_image_side: int = Field(
+        4, ge=1, description="Smallest side, in pixels, of an image sent to the model; smaller images become "
+        "`image_too_small` rows before the engine (the MiniCPM-V 2.x-4.5 image processors raise on images 1 or 3 "
+        "pixels high: they take such an array for channels-first)."
+    )
     max_pages: int = Field(2000, ge=1, description="Most pages expanded from one PDF; later pages become error rows.")
     max_video_seconds: float = Field(4 * 3600.0, gt=0, description="Longest video accepted, in seconds.")
     max_frames: int = Field(512, ge=1, description="Most frames sampled from one video in total.")
@@ -166,10 +171,16 @@ class TilingConfig(_Model):
 class ImageConfig(_Model):
     """Image decoding."""
 
-    multi_frame: Literal["first", "all"] = Field(
-        "first", description="Multi-frame files (GIF, TIFF, WebP): `first` frame only, or `all` frames as units."
+    multi_frame: Literal["auto", "first", "all"] = Field(
+        "auto", description="Multi-frame files. `auto`: every page of a multi-page still (TIFF, DCX) is a unit, "
+        "like a PDF page; an animation (GIF, APNG, WebP, FLI) gives its first frame (flag `animation_first_frame`); "
+        "other multi-image files (PSD layers, icon sizes) their main image. `first`: the first frame only (a "
+        "multi-page still is then `partial`, flag `multi_frame_first_only`). `all`: every frame."
     )
-    max_frames: int = Field(64, ge=1, description="With multi_frame=all, the most frames taken from one file.")
+    max_frames: int = Field(
+        64, ge=1, description="Most frames (pages) taken from one image file; beyond it the document is `partial` "
+        "(flag `multi_frame_capped`)."
+    )
 
 
 class VideoConfig(_Model):
@@ -439,6 +450,46 @@ class JobConfig(_Model):
 
 class ConfigError(ValueError):
     """A job file that cannot run; the message names the field and the fix."""
+
+
+SECRET_OPTION_NAME = re.compile(r"(secret|passw|token|key|credential|auth|signature|private|sas)", re.IGNORECASE)
+"""Storage option names whose values are credentials (`key`, `secret`, `token`, `password`,
+`account_key`, `sas_token`, an `Authorization` header...), in any protocol and at any depth."""
+MASK = "**********"
+"""What a masked value reads as (the same as pydantic's SecretStr)."""
+_URL_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+
+
+def mask_secrets(value: Any, secret: bool = False) -> Any:
+    """A copy of JSON-like `value` with every value under a credential-like key (SECRET_OPTION_NAME),
+    whatever its type, replaced by MASK, and `user:password@` removed from URLs in strings."""
+    if secret and value is not None:
+        return MASK
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, bool(SECRET_OPTION_NAME.search(str(k)))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value)
+    return value
+
+
+def public_dump(job: JobConfig) -> dict[str, Any]:
+    """The job as JSON for people and records (`cpmv validate`, runs/<attempt>.json): SecretStr fields
+    and every credential-like storage option masked. Never dump a job any other way where it is shown
+    or stored."""
+    data = _mask_urls(job.model_dump(mode="json"))
+    # Key names decide only inside storage.options: elsewhere "max_new_tokens" is no credential.
+    data["storage"]["options"] = mask_secrets(data["storage"]["options"])
+    return data
+
+
+def _mask_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _mask_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_urls(v) for v in value]
+    return _URL_USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -1,4 +1,5 @@
-"""Stage 1 (CPU actors): read a source, sniff it, expand it into units with pixels ready for the engine.
+"""Stage 1 (CPU actors): read a source, identify it by its decoders, expand it into units with pixels
+ready for the engine.
 
 Every source yields at least one row: its units, or one `unit_index = -1` row saying why it has none.
 Pixels travel as raw RGB bytes (no PNG/JPEG encode: encoding, not rendering, is the CPU cost; see
@@ -18,7 +19,7 @@ from pipeline.watchdog import KINDS, SourceGuard, source_message
 if TYPE_CHECKING:
     import pyarrow as pa
 
-UNIT_KIND = {"pdf": "page", "image": "image", "video": "clip"}
+UNIT_KIND = {"pdf": "page", "document": "page", "image": "image", "video": "clip"}
 
 
 def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> dict[str, Any]:
@@ -269,7 +270,8 @@ class ExpandSource:
 
     def _expand_source(self, src: dict[str, Any], guard: SourceGuard) -> Iterator[tuple[Any, int]]:
         from pipeline import storage
-        from pipeline.media.sniff import SNIFF_BYTES, sniff
+        from pipeline.media.base import describe
+        from pipeline.media.identify import identify
 
         t0 = time.perf_counter()
         if not guard.enter(-1, timed=False) or guard.recorded(-1):
@@ -285,17 +287,27 @@ class ExpandSource:
             yield _source_row(src, None, error_type="too_large", error_message=str(err)), 0
             return
         except Exception as err:  # noqa: BLE001 - any read failure becomes this source's error row
-            msg = storage.redact(f"{type(err).__name__}: {err}", self.job.storage)
+            msg = storage.redact(f"the file could not be read: {describe(err)}", self.job.storage)
             yield _source_row(src, None, error_type="read_failed", error_message=msg), 0
             return
         if not data:
             yield _source_row(src, "unknown", error_type="empty_file", error_message="the file is empty (0 bytes)"), 0
             return
-        media_type = sniff(data[:SNIFF_BYTES])
+        identity = identify(data)
+        media_type = identity.media_type
+        if media_type == "audio":
+            # Audio, with or without cover art (an attached picture is not a video stream).
+            yield _source_row(
+                src, "audio", error_type="no_video_stream",
+                error_message=f"the file has no video stream: audio only ({identity.format}), "
+                "a cover picture is not video",
+            ), 0
+            return
         if media_type not in UNIT_KIND:
             yield _source_row(
                 src, "unknown", error_type="unsupported_media_type",
-                error_message=f"not a PDF, image or video by its content (first bytes {data[:16]!r})",
+                error_message=f"not a format Pillow, MuPDF or FFmpeg reads (first bytes {data[:16]!r}); "
+                "see the README's supported formats",
             ), 0
             return
         kind = UNIT_KIND[media_type]
@@ -309,15 +321,16 @@ class ExpandSource:
             return
         src = {**src, "tasks": tasks}
         try:
-            if media_type == "pdf":
-                yield from self._pdf_items(src, data, t0, guard)
+            if media_type in ("pdf", "document"):
+                yield from self._pdf_items(src, data, t0, guard, media_type)
                 return
             yield from self._media_items(src, media_type, data, t0, guard)
         except MediaError as err:
             yield _source_row(src, media_type, error_type=err.error_type, error_message=err.message), 0
         except Exception as err:  # noqa: BLE001 - a bug or an unforeseen file must not kill the job
             yield _source_row(src, media_type, error_type="preprocess_failed",
-                              error_message=f"{type(err).__name__}: {err}"), 0
+                              error_message=f"preprocessing this {media_type} failed unexpectedly "
+                              f"({type(err).__name__}): {describe(err)}"), 0
 
     def _media_items(self, src: dict[str, Any], media_type: str, data: bytes, t0: float,
                      guard: SourceGuard) -> Iterator[tuple[Any, int]]:
@@ -346,7 +359,8 @@ class ExpandSource:
             del unit  # see __call__: the next unit renders with this one's buffer released
             last = time.perf_counter()
 
-    def _pdf_items(self, src: dict[str, Any], data: bytes, t0: float, guard: SourceGuard) -> Iterator[tuple[Any, int]]:
+    def _pdf_items(self, src: dict[str, Any], data: bytes, t0: float, guard: SourceGuard,
+                   media_type: str = "pdf") -> Iterator[tuple[Any, int]]:
         """A PDF's pages, planned a group at a time (`pdf.plan_pdf`), then rendered one at a time.
 
         The group's rows are converted to Arrow in one go before its renders (one conversion per
@@ -369,11 +383,12 @@ class ExpandSource:
         j = self.job
         tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
         groups = plan_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
-                          tile_min_area=j.tiling.min_page_area, fit=self._page_size, on_page=on_page)
+                          tile_min_area=j.tiling.min_page_area, fit=self._page_size, on_page=on_page,
+                          filetype=None if media_type == "document" else "pdf")
         last = t0
         for group in groups:
             planned_ms = (time.perf_counter() - last) * 1000.0 / len(group)
-            meta, n_flags = self._group_table(src, group), [len(p.unit.flags) for p in group]
+            meta, n_flags = self._group_table(src, group, media_type), [len(p.unit.flags) for p in group]
             for k, plan in enumerate(group):
                 if not guard.enter(plan.unit.unit_index):
                     break
@@ -384,7 +399,7 @@ class ExpandSource:
                 if meta is not None and size is not None and self._as_planned(unit, size, n_flags[k]):
                     yield _with_pixels(meta.slice(k, 1), unit, ms), unit.frames[0].nbytes
                 else:
-                    for row in self._unit_rows(src, "pdf", unit, ms):
+                    for row in self._unit_rows(src, media_type, unit, ms):
                         yield row, _nbytes(row)
                 del unit  # see __call__
             del meta
@@ -393,9 +408,9 @@ class ExpandSource:
                 break
         if guard.stopped_at is not None:
             groups.close()
-            yield from ((row, 0) for row in self._unit_rows(src, "pdf", guard.stop_unit("page"), 0.0))
+            yield from ((row, 0) for row in self._unit_rows(src, media_type, guard.stop_unit("page"), 0.0))
 
-    def _group_table(self, src: dict[str, Any], group: list) -> "pa.Table | None":
+    def _group_table(self, src: dict[str, Any], group: list, media_type: str = "pdf") -> "pa.Table | None":
         """The rows of a group of planned pages as they will be once rendered, pixels aside (None
         when no page in it has a planned size)."""
         if not any(p.size is not None for p in group):
@@ -403,7 +418,8 @@ class ExpandSource:
         rows = []
         for plan in group:
             w, h = plan.size or (None, None)
-            rows.append(_source_row(src, "pdf", **_unit_columns(plan.unit), width=w, height=h, num_frames=1 if w else 0))
+            rows.append(_source_row(src, media_type, **_unit_columns(plan.unit), width=w, height=h,
+                                    num_frames=1 if w else 0))
         return _table(rows)
 
     def _as_planned(self, unit: MediaUnit, size: tuple[int, int], n_flags: int) -> bool:

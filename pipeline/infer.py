@@ -154,8 +154,11 @@ class InferStage:
                     try:
                         request = self._request(unit, task)
                     except Exception as exc:  # noqa: BLE001 - a unit whose pixels cannot be read fails alone
-                        out.append(self._row(unit, task, now, status="error", error_type=type(exc).__name__,
-                                             error_message=str(exc)[:2000]))
+                        from pipeline.media.base import describe
+
+                        out.append(self._row(unit, task, now, status="error", error_type="unit_unreadable",
+                                             error_message=("the unit could not be made into a model request "
+                                                            f"({type(exc).__name__}): {describe(exc)}")[:2000]))
                         continue
                     if verdict is not None and verdict.flag:
                         request.processor_kwargs["max_slice_nums"] = verdict.max_slice_nums
@@ -206,7 +209,7 @@ class InferStage:
         except Exception as err:  # noqa: BLE001
             self._revive(err)
             if len(requests) == 1 and self.job.engine.max_retries == 0:
-                return [Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}")]
+                return [Reply(error_type="engine_error", error_message=_engine_message(err))]
             log.warning("engine batch of %d failed (%s); retrying one at a time", len(requests), err)
         return [self._one(r) for r in requests]
 
@@ -223,7 +226,7 @@ class InferStage:
                 self._revive(e)
         if err is None:
             return Reply(error_type="engine_error", error_message="engine died and could not be rebuilt")
-        return Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}")
+        return Reply(error_type="engine_error", error_message=_engine_message(err))
 
     def _call_engine(self, requests: list[Request]) -> list[Reply]:
         _count_calls(requests)
@@ -345,3 +348,11 @@ def _context_limit(job: JobConfig, engine: str, model_dir: "Path | None") -> int
     except (OSError, ValueError, TypeError):
         return None
     return context_limit_from_config(config)
+
+
+def _engine_message(err: BaseException) -> str:
+    """A stable message for an engine failure: what failed, the exception's class and its own text
+    without per-run noise (object addresses; pipeline/media/base.py `describe`)."""
+    from pipeline.media.base import describe
+
+    return f"the engine failed on this unit ({type(err).__name__}): {describe(err)}"[:2000]

@@ -249,7 +249,9 @@ class AsyncInferStage(InferStage):
                 err = exc
                 if not await self._revive_async(driver):
                     break
-        return Reply(error_type="engine_error", error_message=f"{type(err).__name__}: {err}"[:2000])
+        from pipeline.infer import _engine_message
+
+        return Reply(error_type="engine_error", error_message=_engine_message(err))
 
     async def _revive_async(self, failed: EngineDriver | None) -> bool:
         """Replace a dead engine and its driver once for all the calls that saw it die."""

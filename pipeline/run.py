@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, public_dump
 from pipeline.retry import RetryPolicy
 from pipeline.stop import StopRequest
 
@@ -130,8 +130,8 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         "tasks": {n: {"prompt_version": t.prompt_version, "fingerprint": fps[n]} for n, t in tasks.items()},
         "retry_policy": retry.describe(), "counts": summary.counts, "timings": summary.timings,
         "errors": summary.errors, "flags": summary.flags, "retried": summary.retried, "versions": _versions(),
-        # SecretStr fields dump as '**********': credentials never reach the run record.
-        "config": job.model_dump(mode="json"),
+        # SecretStr fields and credential-like storage options are masked: credentials never reach the record.
+        "config": public_dump(job),
     }
     with Lease(layout, attempt):
         _take_over(layout, attempt, summary)

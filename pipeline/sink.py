@@ -220,7 +220,7 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
             emsg = (f"{units_failed} of {len(d['units'])} units failed ({share:.0%}, above "
                     f"documents.max_failed_unit_share {max_failed_unit_share:g}); first: {emsg}")
     text = None
-    if with_text and d["media_type"] == "pdf" and d["texts"]:
+    if with_text and d["media_type"] in ("pdf", "document") and d["texts"]:
         text = "\n\n".join(d["texts"][i] for i in sorted(d["texts"]))
     flags = set(d["flags"])
     failures = [{"task": t, "error_type": e, "count": n} for (t, e), n in sorted(d["failures"].items())]
@@ -230,13 +230,23 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
         status = "partial" if c["ok"] else "error"
         etype, emsg = "lost_units", ("some units of this source never came back from the pipeline; "
                                      "the next run redoes its tasks")
+    elif status == "ok" and flags & _SKIPPED_FRAMES:
+        # Pages of a multi-page image left out (a policy or image.max_frames): never silently ok.
+        status, etype = "partial", "frames_skipped"
+        emsg = (f"some frames (pages) of the file were not expanded ({', '.join(sorted(flags & _SKIPPED_FRAMES))}; "
+                "see image.multi_frame and image.max_frames)")
     # A repaired PDF whose rows are all ok stays `ok` with its `pdf_repaired` flag (pages may be missing
-    # or blank, DESIGN.md section 6): the run summary lists it under flags, not among errors.
+    # or blank): the run summary lists it under flags, not among errors.
     return {**base, "media_type": d["media_type"], "num_units": len(d["units"]), "units_ok": units_ok,
             "units_failed": units_failed, "results_ok": c["ok"], "results_failed": c["error"], "status": status,
             "error_type": etype, "error_message": emsg, "tasks": sorted(d["tasks"]),
             "fingerprints": sorted(kept.values()), "committed": committed, "failures": failures,
             "flags": sorted(flags), "text": text}
+
+
+# Unit flags saying frames of the source were left out (pipeline/media/image.py SKIPPED_FRAME_FLAGS;
+# kept here as strings so that the sink does not import the image decoders).
+_SKIPPED_FRAMES = frozenset({"multi_frame_first_only", "multi_frame_capped"})
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:

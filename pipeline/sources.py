@@ -66,15 +66,22 @@ def discover(cfg: InputConfig, storage: StorageConfig) -> list[Source]:
     return sources[: cfg.max_sources] if cfg.max_sources else sources
 
 
-def expand(entry: str, storage: StorageConfig) -> list[Source]:
-    """The files one input names: itself, every file under a directory/prefix, or a glob's matches."""
+def expand(entry: str, storage: StorageConfig, exact: bool = False) -> list[Source]:
+    """The files one input names: itself, every file under a directory/prefix, or a glob's matches.
+
+    A name is a pattern only when nothing has that literal name: `scan [1].png` is that file when
+    it exists, a glob (`*`, `?`, `[...]`) otherwise. `exact` (manifest entries) never globs: the
+    entry is an object name, and one that names nothing is an error, not an empty pattern.
+    """
     fs, path = st.get_fs(entry, storage)
     try:
-        if any(c in path for c in _GLOB_CHARS):
-            listing = fs.glob(path, detail=True)
-            what = "glob matches no files"
-            if not listing and fs.exists(path):  # a literal name such as "scan [1].pdf"
-                listing = _file_or_tree(fs, path)
+        if exact:
+            listing, what = _file_or_tree(fs, path), "directory/prefix holds no files"
+        elif any(c in path for c in _GLOB_CHARS):
+            if fs.exists(path):  # an existing literal name wins over the pattern it looks like
+                listing, what = _file_or_tree(fs, path), "directory/prefix holds no files"
+            else:
+                listing, what = fs.glob(path, detail=True), "glob matches no files"
         elif entry.endswith("/"):  # explicitly a directory/prefix: skip the info request
             listing = fs.find(path, detail=True)
             what = "directory/prefix holds no files"
@@ -182,12 +189,15 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> pa.Table:
 
 
 def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
-    """Sources for many manifest URIs, listing a parent directory once where that saves requests."""
+    """Sources for many manifest URIs, listing a parent directory once where that saves requests.
+
+    Entries are exact object names: `[`, `*` and `?` in them are characters, never patterns.
+    """
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
     rest: list[str] = []
     for uri in dict.fromkeys(uris):  # dedupe, keep order
         fs, path = st.get_fs(uri, storage)
-        if any(c in path for c in _GLOB_CHARS) or uri.endswith("/"):
+        if uri.endswith("/"):
             rest.append(uri)
         else:
             by_parent[(id(fs), posixpath.dirname(path))].append((uri, path))
@@ -205,7 +215,7 @@ def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
             else:
                 rest.append(uri)  # a directory, or absent: expand() recurses or names it
     for uri in rest:
-        out.extend(expand(uri, storage))
+        out.extend(expand(uri, storage, exact=True))
     return out
 
 

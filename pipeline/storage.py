@@ -20,7 +20,7 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config import StorageConfig
+from pipeline.config import SECRET_OPTION_NAME, StorageConfig
 
 # Environment variables botocore reads itself; they are part of the cache key (a change of
 # credentials in-process must give a new client) and their secret values are redacted.
@@ -35,8 +35,8 @@ _AWS_ENV = (
     "AWS_PROFILE",
 )
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
-# Option names whose values are credentials, in any protocol's storage options.
-_SECRET_OPTION = re.compile(r"(secret|password|token|key|credential)", re.IGNORECASE)
+# Option names whose values are credentials, in any protocol's storage options (config.py).
+_SECRET_OPTION = SECRET_OPTION_NAME
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words; no real credential is that short
 
 _cache: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
@@ -72,15 +72,18 @@ def _secrets(storage: StorageConfig | None) -> set[str]:
     return found
 
 
-def _secret_option_values(options: Any) -> set[str]:
-    """Values stored under credential-like keys, at any depth of a storage-options mapping."""
+def _secret_option_values(options: Any, secret: bool = False) -> set[str]:
+    """Values stored under credential-like keys, at any depth of a storage-options mapping (every
+    string inside such a value, e.g. a service-account token given as a mapping)."""
     found: set[str] = set()
     if isinstance(options, dict):
         for key, value in options.items():
-            if isinstance(value, str) and _SECRET_OPTION.search(str(key)) and len(value) >= _MIN_SECRET_LEN:
-                found.add(value)
-            else:
-                found |= _secret_option_values(value)
+            found |= _secret_option_values(value, secret or bool(_SECRET_OPTION.search(str(key))))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            found |= _secret_option_values(value, secret)
+    elif secret and isinstance(options, str) and len(options) >= _MIN_SECRET_LEN:
+        found.add(options)
     return found
 
 

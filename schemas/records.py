@@ -30,7 +30,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("source_id", pa.string(), nullable=False),
-        pa.field("media_type", pa.string()),  # pdf | image | video | unknown
+        pa.field("media_type", pa.string()),  # pdf | document | image | video | audio | unknown
         pa.field("unit_index", pa.int32(), nullable=False),  # -1: the source failed before any unit existed
         pa.field("unit_kind", pa.string(), nullable=False),  # page | image | clip | source
         pa.field("tile_index", pa.int32()),  # reading-order tile of an oversized unit; null when not tiled

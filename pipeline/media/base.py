@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,3 +40,20 @@ class MediaUnit:
     # What `frames` may be views of (a MuPDF pixmap): hold it until the pixels are copied into Arrow.
     # Copying a 20 MB page into a fresh Python buffer costs ~10x MuPDF's render (page faults).
     keepalive: object = None
+
+
+# Per-run noise in library messages: object reprs with addresses ("<_io.BytesIO object at 0x7f..>")
+# and bare addresses. Users group errors by message, so a message must not change from run to run.
+_OBJECT_REPR = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9a-fA-F]+>")
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
+def describe(err: BaseException) -> str:
+    """A library exception's own text, stable across runs: object reprs and addresses removed.
+
+    The exception's class name stands in only when it says nothing (an empty message); callers put
+    the explanation of what failed in front of it, so a class name is never the whole message.
+    """
+    text = " ".join(str(err).split())
+    text = _ADDRESS.sub("<address>", _OBJECT_REPR.sub(r"<\1>", text))
+    return text or type(err).__name__

@@ -8,6 +8,7 @@ side effect and hides decode errors behind the EXIF try/except).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import ImageConfig, LimitsConfig
-from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.base import MediaError, MediaUnit, describe
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that displays the image upright (the same table ImageOps.exif_transpose uses).
@@ -32,25 +33,52 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _WHITE = 255.0
 
 
+# Formats whose frames are pages of a document (a fax, a scanned batch): each page is a unit by default.
+PAGE_FORMATS = frozenset({"TIFF", "DCX"})
+# Formats whose frames are an animation: by default its first frame stands for it (flag
+# "animation_first_frame"). Other multi-image formats hold one picture in several forms (PSD layers
+# beside the composite, icon sizes, MPO stereo pairs): their main image is the unit.
+ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
+# Flags of frames left out against the file's nature: the document is then `partial` (pipeline/sink.py).
+SKIPPED_FRAME_FLAGS = frozenset({"multi_frame_first_only", "multi_frame_capped"})
+
+
+def frame_policy(fmt: str | None, n_frames: int, cfg: ImageConfig) -> tuple[int, list[str]]:
+    """How many frames of a file become units, and the flags every unit of it carries.
+
+    multi_frame "auto": every page of a multi-page still (TIFF, DCX), the first frame of an
+    animation (flag "animation_first_frame"), the main image of anything else. "first": the first
+    frame; a multi-page still then loses pages (flag "multi_frame_first_only"). "all": every frame.
+    Frames beyond image.max_frames are left out with flag "multi_frame_capped".
+    """
+    if n_frames <= 1:
+        return 1, []
+    if cfg.multi_frame == "all" or (cfg.multi_frame == "auto" and fmt in PAGE_FORMATS):
+        count = min(n_frames, cfg.max_frames)
+        return count, (["multi_frame_capped"] if count < n_frames else [])
+    if fmt in PAGE_FORMATS:
+        return 1, ["multi_frame_first_only"]
+    if fmt in ANIMATION_FORMATS:
+        return 1, ["animation_first_frame"]
+    return 1, ([] if cfg.multi_frame == "auto" else ["multi_frame_first_only"])
+
+
 def expand_image(data: bytes, cfg: ImageConfig, limits: LimitsConfig) -> Iterator[MediaUnit]:
-    """Yield one "image" unit (or one per frame with multi_frame="all") as an RGB uint8 array.
+    """Yield one "image" unit per frame that `frame_policy` takes, each an RGB uint8 array.
 
     Raises MediaError: "empty_file", "file_too_large", "image_too_large" (from the header, nothing
-    decoded), "image_decode_failed" (corrupt, truncated, not an image, unsupported mode).
+    decoded), "image_too_small" (a side below limits.min_image_side, from the header),
+    "image_decode_failed" (corrupt, truncated, not an image, unsupported mode).
     """
     im = _open(data, limits)
     with im:
         n_frames = getattr(im, "n_frames", 1)
+        count, common = frame_policy(im.format, n_frames, cfg)
         first = _load_frame(im, 0, limits)  # also proves the file decodes before any EXIF is read
         orientation = _orientation(im)
-        common: list[str] = []
-        if n_frames > 1 and cfg.multi_frame == "first":
-            common.append("multi_frame_first_only")
-        if cfg.multi_frame == "all" and n_frames > cfg.max_frames:
-            common.append("multi_frame_capped")
         yield _unit(0, first, orientation, common)
-        if cfg.multi_frame == "all":
-            yield from _later_frames(im, min(n_frames, cfg.max_frames), orientation, limits, common)
+        if count > 1:
+            yield from _later_frames(im, count, orientation, limits, common)
 
 
 def to_rgb(im: Image.Image) -> tuple[np.ndarray, list[str]]:
@@ -83,20 +111,32 @@ def _open(data: bytes, limits: LimitsConfig) -> Image.Image:
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
         # Pillow's guard fires from the header too; say which job limit applies and how to change it.
-        raise MediaError("image_too_large", f"{err} (limits.max_pixels={limits.max_pixels})") from None
+        # Its text names Pillow's own threshold (twice MAX_IMAGE_PIXELS), not the job's: say the job's.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{found.group(1)} pixels" if found else "the image's pixel count"
+        raise MediaError("image_too_large", f"{size} (from the header) exceeds limits.max_pixels={limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise MediaError("image_decode_failed", f"not a decodable image: {type(err).__name__}: {err}") from None
+        raise MediaError("image_decode_failed", f"Pillow cannot read the image header: {describe(err)}") from None
     _check_pixels(im, limits)
     return im
 
 
-def _check_pixels(im: Image.Image, limits: LimitsConfig) -> None:
+def _check_pixels(im: Image.Image, limits: LimitsConfig, close: bool = True) -> None:
     width, height = im.size  # from the header: nothing decoded yet
     if width * height > limits.max_pixels:
-        im.close()
+        if close:
+            im.close()
         raise MediaError(
             "image_too_large",
             f"{width}x{height} = {width * height} pixels exceeds limits.max_pixels={limits.max_pixels}",
+        )
+    if min(width, height) < limits.min_image_side:
+        if close:
+            im.close()
+        raise MediaError(
+            "image_too_small",
+            f"{width}x{height} pixels: a side is below the minimum of {limits.min_image_side} pixels "
+            "(limits.min_image_side) that the model's image processors accept",
         )
 
 
@@ -105,13 +145,14 @@ def _load_frame(im: Image.Image, index: int, limits: LimitsConfig) -> Image.Imag
     try:
         if index:
             im.seek(index)
-            _check_pixels(im, limits)  # TIFF pages can each have their own size
+            _check_pixels(im, limits, close=False)  # TIFF pages can each have their own size
         im.load()
         return im
     except MediaError:
         raise
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError...
-        raise MediaError("image_decode_failed", f"frame {index}: {type(err).__name__}: {err}") from None
+        raise MediaError("image_decode_failed",
+                         f"frame {index + 1} cannot be decoded (corrupt or truncated image data): {describe(err)}") from None
 
 
 def _orientation(im: Image.Image) -> int:
@@ -131,22 +172,26 @@ def _unit(index: int, im: Image.Image, orientation: int, common: list[str]) -> M
     try:
         array, convert_flags = to_rgb(frame)
     except (ValueError, OSError) as err:  # e.g. a mode Pillow cannot convert
-        raise MediaError("image_decode_failed", f"cannot convert mode {frame.mode} to RGB: {err}") from None
+        raise MediaError("image_decode_failed", f"cannot convert mode {frame.mode} to RGB: {describe(err)}") from None
     return MediaUnit(unit_index=index, unit_kind="image", frames=[array], flags=flags + convert_flags)
 
 
 def _later_frames(
     im: Image.Image, count: int, orientation: int, limits: LimitsConfig, common: list[str]
 ) -> Iterator[MediaUnit]:
-    """Frames 1..count-1; the first undecodable frame becomes an error unit and ends the file."""
+    """Frames 1..count-1. A frame of the wrong size is its own error unit; the first undecodable
+    frame becomes an error unit and ends the file (the frames after it cannot be reached)."""
     for index in range(1, count):
         try:
             frame = _load_frame(im, index, limits)
         except MediaError as err:
+            sized = err.error_type in ("image_too_large", "image_too_small")
             yield MediaUnit(
-                unit_index=index, unit_kind="image", error_type="frame_decode_failed",
-                error_message=err.message, flags=list(common),
+                unit_index=index, unit_kind="image", error_type=err.error_type if sized else "frame_decode_failed",
+                error_message=f"frame {index + 1}: {err.message}" if sized else err.message, flags=list(common),
             )
+            if sized:
+                continue
             return
         yield _unit(index, frame, orientation, common)
 

@@ -13,7 +13,10 @@ pixmap samples are copied into an array and nothing is encoded.
 
 Failure policy (codes are stable; they land in `error_type`):
 - whole source: "empty_file", "pdf_corrupt", "pdf_encrypted", "pdf_no_pages" (MediaError).
-- one page: "page_render_failed" (the other pages go on); "page_limit" for every page beyond
+- one page (the other pages go on): "page_missing" (the page tree claims a page the file does not
+  hold, or points to an object that is not there), "page_missing_content" (the page object or its
+  content stream is missing: MuPDF would render it blank; flag "page_missing_content"),
+  "page_render_failed" (MuPDF cannot interpret or render it); "page_limit" for every page beyond
   `limits.max_pages` (one cheap row per excess page, nothing rendered, so no page goes missing silently).
 - a document MuPDF had to repair (e.g. truncated) renders without exceptions but may lose pages: every
   unit gets flag "pdf_repaired", and a page that renders as one flat colour also gets "blank_page".
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,7 +50,7 @@ import pymupdf
 
 from pipeline.config import LimitsConfig, PdfConfig
 from pipeline.media import stext
-from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.base import MediaError, MediaUnit, describe
 from pipeline.media.orientation import dominant_rotation, line_angle, vertical_to_baseline
 
 _POINTS_PER_INCH = 72.0
@@ -109,7 +113,7 @@ class PagePlan:
             frame, pix = _render(dlist, self._rect, self._dpi, self._rotation, self.size)
         except Exception as err:  # any MuPDF error fails only this page
             unit.error_type = "page_render_failed"
-            unit.error_message = f"page {unit.unit_index + 1}: {type(err).__name__}: {err}"
+            unit.error_message = f"page {unit.unit_index + 1}: MuPDF could not render the page: {describe(err)}"
             unit.text_layer = None
             return unit
         if self._check_blank and _is_blank(frame):
@@ -121,7 +125,7 @@ class PagePlan:
 def plan_pdf(
     data: bytes, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, tile_min_dpi: float | None = None,
     tile_min_area: float = 0.0, fit: Callable[[int, int], tuple[int, int] | None] | None = None,
-    on_page: PageHook | None = None,
+    on_page: PageHook | None = None, filetype: str | None = "pdf",
 ) -> Iterator[list[PagePlan]]:
     """The pages of a PDF as groups of up to `cfg.plan_ahead_pages` planned pages, in page order
     (arguments as in `expand_pdf`); render each plan in turn.
@@ -136,9 +140,11 @@ def plan_pdf(
     where they cost 3-5x their warm price (about 20% on top of the render). Interpreting a group of
     pages back to back, then rendering them back to back, keeps each kind of work warm; the
     caller can also build one metadata table per group. Only display lists wait, never pixels.
+    `filetype` None lets MuPDF recognise another document type by content (XPS, EPUB, CBZ, SVG...;
+    pipeline/media/identify.py decides which files go this way).
     Raises MediaError for a source that cannot be expanded at all; pages fail alone.
     """
-    doc = _open(data, limits)
+    doc = _open(data, limits, filetype)
     try:
         doc_flags = ["pdf_repaired"] if doc.is_repaired else []
         n_pages = doc.page_count
@@ -161,7 +167,7 @@ def plan_pdf(
                 if index == block_at:
                     _block_forever()
                 group.append(_plan_page(doc, index, cfg, limits, pixel_budget, doc_flags, tile_min_dpi,
-                                        tile_min_area, fit))
+                                        tile_min_area, fit, n_pages=n_pages))
             if group:
                 yield group
             del group  # the caller renders them; their display lists go with them
@@ -186,17 +192,19 @@ def choose_dpi(width_pt: float, height_pt: float, cfg: PdfConfig, pixel_budget: 
     return min(max(dpi, cfg.min_dpi), cfg.max_dpi)
 
 
-def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
+def _open(data: bytes, limits: LimitsConfig, filetype: str | None = "pdf") -> pymupdf.Document:
     if not data:
         raise MediaError("empty_file", "the PDF has zero bytes")
     if len(data) > limits.max_bytes:
         raise MediaError("file_too_large", f"{len(data)} bytes exceeds limits.max_bytes={limits.max_bytes}")
     try:
-        doc = pymupdf.open(stream=data, filetype="pdf")
+        doc = pymupdf.open(stream=data, filetype=filetype)
     except pymupdf.EmptyFileError as err:
-        raise MediaError("empty_file", f"MuPDF found no content: {err}") from None
+        raise MediaError("empty_file", f"MuPDF found no content: {describe(err)}") from None
     except (pymupdf.FileDataError, RuntimeError, ValueError) as err:
-        raise MediaError("pdf_corrupt", f"MuPDF could not open the PDF: {err}") from None
+        what = "PDF" if filetype == "pdf" else "document"
+        raise MediaError("pdf_corrupt", f"MuPDF could not open the {what} (no readable cross-reference table "
+                         f"or page tree): {describe(err)}") from None
     # AES/RC4 with a user password: opens, but every page access raises. Owner-only passwords render.
     if doc.needs_pass:
         doc.close()
@@ -210,11 +218,18 @@ def _open(data: bytes, limits: LimitsConfig) -> pymupdf.Document:
 def _plan_page(
     doc: pymupdf.Document, index: int, cfg: PdfConfig, limits: LimitsConfig, pixel_budget: int, doc_flags: list[str],
     tile_min_dpi: float | None = None, tile_min_area: float = 0.0,
-    fit: Callable[[int, int], tuple[int, int] | None] | None = None,
+    fit: Callable[[int, int], tuple[int, int] | None] | None = None, n_pages: int = 0,
 ) -> PagePlan:
     flags = list(doc_flags)
+    n_pages = n_pages or doc.page_count
     try:
         page = doc.load_page(index)
+        missing = _missing_content(doc, page)  # raises "bad xref" for a page object that is not there
+        if missing is not None:
+            # MuPDF renders such a page blank without a word: that is lost content, not an empty page.
+            return PagePlan(MediaUnit(unit_index=index, unit_kind="page", error_type="page_missing_content",
+                                      error_message=f"page {index + 1}: {missing}; it would render blank",
+                                      flags=[*flags, "page_missing_content"]))
         # page.rect already has /Rotate applied (a rotated Letter page is 792x612), and so does the
         # display list. (Each page.rect is a call into MuPDF: read it once.)
         rect = page.rect
@@ -235,13 +250,46 @@ def _plan_page(
         if rotation:
             flags.append(f"rotated_{rotation}")
     except Exception as err:  # MuPDF raises RuntimeError, ValueError and friends; any of them fails only this page
-        return PagePlan(MediaUnit(
-            unit_index=index, unit_kind="page", error_type="page_render_failed",
-            error_message=f"page {index + 1}: {type(err).__name__}: {err}", flags=flags,
-        ))
+        error_type, message = _page_error(index, n_pages, err)
+        return PagePlan(MediaUnit(unit_index=index, unit_kind="page", error_type=error_type, error_message=message,
+                                  flags=flags))
     unit = MediaUnit(unit_index=index, unit_kind="page", text_layer=text, flags=flags)
     return PagePlan(unit, size=target, _dlist=dlist, _rect=rect, _dpi=dpi, _rotation=rotation,
                     _check_blank=bool(doc_flags))
+
+
+def _page_error(index: int, n_pages: int, err: Exception) -> tuple[str, str]:
+    """(error_type, message) for a page MuPDF cannot load or interpret, saying what is wrong with the file."""
+    text = describe(err)
+    if isinstance(err, ValueError) and "not in document" in text:
+        # MuPDF takes the page count from the page tree's /Count, which may claim more pages than exist.
+        return "page_missing", (f"page {index + 1} of {n_pages} does not exist in the file: its page tree "
+                                f"claims {n_pages} pages but holds fewer")
+    if "xref" in text.lower() or "object" in text.lower():
+        return "page_missing", (f"page {index + 1} of {n_pages}: its page object cannot be found in the file "
+                                f"(broken reference in the page tree: {text})")
+    return "page_render_failed", f"page {index + 1} of {n_pages}: MuPDF could not interpret the page: {text}"
+
+
+_REF = re.compile(rb"(\d+)\s+\d+\s+R")
+
+
+def _missing_content(doc: pymupdf.Document, page: pymupdf.Page) -> str | None:
+    """What is missing when a page object or its content streams are absent from the file (None when
+    they are there; a page with no /Contents at all is legitimately blank). Two to three MuPDF calls."""
+    if not doc.is_pdf or not page.xref:
+        return None
+    if doc.xref_get_key(page.xref, "Type")[0] == "null":
+        return "its page object is missing from the file (the page tree points to an empty object)"
+    kind, value = doc.xref_get_key(page.xref, "Contents")
+    if kind not in ("xref", "array"):
+        return None
+    length = doc.xref_length()
+    refs = [int(n) for n in _REF.findall(value.encode())]
+    lost = [n for n in refs if n <= 0 or n >= length or not doc.xref_is_stream(n)]
+    if lost:
+        return f"its content stream (object {', '.join(map(str, lost))}) is missing from the file"
+    return None
 
 
 def _fit_max_pixels(rect: pymupdf.Rect, dpi: float, max_pixels: int, flags: list[str]) -> float:

@@ -1,8 +1,10 @@
 """Tell PDFs, images and videos apart from their leading bytes, never from the file name.
 
 A file's extension lies often enough (a text file saved as `.jpg`, a PDF served as
-`application/octet-stream`) that routing on it turns into crashes deep in a decoder; magic bytes
-are cheap and decide the expander before any decoding starts.
+`application/octet-stream`) that routing on it turns into crashes deep in a decoder. Files are
+identified by the decoders themselves (`identify.py`); these magic bytes are its hints and its
+fallback: a damaged file that no decoder opens but whose signature names a kind still goes to that
+kind's decoder, which then says what is wrong with it.
 """
 
 from __future__ import annotations

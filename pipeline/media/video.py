@@ -45,7 +45,7 @@ import av
 import numpy as np
 
 from pipeline.config import LimitsConfig, VideoConfig
-from pipeline.media.base import MediaError, MediaUnit
+from pipeline.media.base import MediaError, MediaUnit, describe
 from pipeline.media.stacking import STACK_LINE_WIDTH, stack_grid, stack_layout
 
 _EPS = 1e-6
@@ -75,8 +75,8 @@ class ClipPlan:
 def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig) -> Iterator[MediaUnit]:
     """Yield one "clip" unit per cfg.clip_seconds of video, each with its sampled frames and their times.
 
-    Raises MediaError: "empty_file", "file_too_large", "video_decode_failed" (not a video, no video
-    stream, nothing decodable), "video_too_long", "video_too_large" (frame size over limits.max_pixels).
+    Raises MediaError: "empty_file", "file_too_large", "no_video_stream" (audio, with or without cover
+    art), "video_decode_failed" (not a video, nothing decodable), "video_too_long", "video_too_large" (frame size over limits.max_pixels).
     """
     if not data:
         raise MediaError("empty_file", "the video has zero bytes")
@@ -167,13 +167,18 @@ def _open(data: bytes) -> av.container.InputContainer:
     try:
         return av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise MediaError("video_decode_failed", f"FFmpeg could not open the file: {err}") from None
+        raise MediaError("video_decode_failed", f"FFmpeg could not open the file as a video: {describe(err)}") from None
 
 
 def _video_stream(container: av.container.InputContainer, limits: LimitsConfig) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        raise MediaError("video_decode_failed", "the file has no video stream")
-    stream = container.streams.video[0]
+    from pipeline.media.identify import is_attached_picture
+
+    # An attached picture (the cover art of an MP3/M4A) is a one-frame "video" stream, not video.
+    streams = [s for s in container.streams.video if not is_attached_picture(s)]
+    if not streams:
+        what = "audio only, a cover picture is not video" if container.streams.audio else "no audio either"
+        raise MediaError("no_video_stream", f"the file has no video stream ({what})")
+    stream = streams[0]
     width, height = stream.codec_context.width, stream.codec_context.height
     if width * height > limits.max_pixels:
         raise MediaError(
@@ -208,7 +213,9 @@ def scan_packets(data: bytes) -> PacketScan:
     last = None
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            stream = container.streams.video[0]
+            from pipeline.media.identify import is_attached_picture
+
+            stream = next(s for s in container.streams.video if not is_attached_picture(s))
             start = _start_time(stream)
             for packet in container.demux(stream):
                 if packet.pts is None or packet.time_base is None:
@@ -218,7 +225,7 @@ def scan_packets(data: bytes) -> PacketScan:
                 last = end if last is None else max(last, end)
                 if packet.is_keyframe:
                     scan.keyframes.append((t - start, int(packet.pts)))
-    except (av.FFmpegError, OSError, ValueError, IndexError):
+    except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration):
         pass
     else:
         scan.duration = None if last is None else last - start
@@ -284,7 +291,7 @@ def _decode_clips(
             if not jumped:
                 break  # end of stream (or all targets served)
     except (av.FFmpegError, OSError, ValueError) as err:
-        error = f"{type(err).__name__}: {err}"
+        error = f"FFmpeg stopped decoding: {describe(err)}"
     if decoded == 0:
         raise MediaError("video_decode_failed", f"no frame could be decoded{': ' + error if error else ''}")
     yield from sampler.finish(error)
@@ -419,15 +426,68 @@ class _Sampler:
         return unit
 
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        """Resize during the pixel-format conversion (one swscale pass), then apply the display rotation."""
+        """Resize during the pixel-format conversion (one swscale pass), then apply the display matrix."""
         width, height = display_size(frame.width, frame.height, self.sar, self.max_side)
         array = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
-        quarter_turns = round((frame.rotation or 0) / 90) % 4
-        if quarter_turns:
+        ops = display_ops(display_matrix(frame))
+        if ops:
             self.rotated = True
-            # frame.rotation is counter-clockwise degrees, like np.rot90's positive k.
-            array = np.ascontiguousarray(np.rot90(array, k=quarter_turns))
+            array = apply_display_ops(array, ops)
         return array
+
+
+def display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    """The frame's display matrix (FFmpeg's AV_FRAME_DATA_DISPLAYMATRIX: 9 int32, 16.16 fixed point
+    except the last column, 2.30), or None when the file sets none."""
+    for side in frame.side_data:
+        if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            raw = bytes(side)
+            if len(raw) == 36:
+                return tuple(int(v) for v in np.frombuffer(raw, dtype=np.int32))
+    return None
+
+
+def display_ops(matrix: tuple[int, ...] | None) -> tuple[str, ...]:
+    """What FFmpeg's autorotate applies for a display matrix (fftools/ffmpeg_filter.c,
+    configure_input_video_filter), as a sequence of operations:
+    "transpose", "clock", "cclock", "clock_flip" (the `transpose` filter's directions), "hflip",
+    "vflip". Rotations that are not quarter turns are left alone (FFmpeg would rotate and pad)."""
+    if matrix is None:
+        return ()
+    m = matrix
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return ()
+    # av_display_rotation_get, negated and normalised to [0, 360) as get_rotation() does.
+    theta = round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return ("transpose",) if m[3] > 0 else ("clock",)  # "cclock_flip" is a plain transpose
+    if abs(theta - 180) < 1:
+        return tuple(op for op, neg in (("hflip", m[0] < 0), ("vflip", m[4] < 0)) if neg)
+    if abs(theta - 270) < 1:
+        return ("clock_flip",) if m[3] < 0 else ("cclock",)
+    if abs(theta) < 1 and m[4] < 0:
+        return ("vflip",)
+    return ()
+
+
+def apply_display_ops(array: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
+    """Apply `display_ops` to an (H, W, 3) frame; returns a contiguous array."""
+    for op in ops:
+        if op == "hflip":
+            array = array[:, ::-1]
+        elif op == "vflip":
+            array = array[::-1]
+        elif op == "transpose":
+            array = array.transpose(1, 0, 2)
+        elif op == "clock":
+            array = np.rot90(array, k=-1)
+        elif op == "cclock":
+            array = np.rot90(array, k=1)
+        elif op == "clock_flip":
+            array = array[::-1, ::-1].transpose(1, 0, 2)
+    return np.ascontiguousarray(array)
 
 
 # --------------------------------------------------------------------------------------------------

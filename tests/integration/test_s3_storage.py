@@ -65,10 +65,29 @@ def test_discover_globs_and_single_files(bucket: str, storage: StorageConfig) ->
 
 
 def test_discover_manifest_on_s3(bucket: str, storage: StorageConfig, s3_server: S3Server) -> None:
-    rows = [f"s3://{bucket}/other/d.pdf", f"s3://{bucket}/docs/sub/*.png"]
+    rows = [f"s3://{bucket}/other/d.pdf", f"s3://{bucket}/docs/sub/c.png"]
     s3_server.client().pipe(f"{bucket}/m.jsonl", "".join(f'{{"u": "{r}"}}\n' for r in rows).encode())
     found = discover(InputConfig(manifest=f"s3://{bucket}/m.jsonl", manifest_column="u"), storage)
     assert _uris(found) == [f"s3://{bucket}/docs/sub/c.png", f"s3://{bucket}/other/d.pdf"]
+
+
+def test_literal_keys_with_glob_characters_on_s3(bucket: str, storage: StorageConfig, s3_server: S3Server) -> None:
+    fs = s3_server.client()
+    for key in ("lit/scan [1].png", "lit/scan 1.png", "lit/a*b.png", "lit/axb.png"):
+        fs.pipe(f"{bucket}/{key}", b"x")
+    # input.uris: an existing literal key wins over the pattern it looks like; otherwise it is a pattern.
+    for key in ("lit/scan [1].png", "lit/a*b.png"):
+        assert _uris(discover(InputConfig(uris=[f"s3://{bucket}/{key}"]), storage)) == [f"s3://{bucket}/{key}"]
+    assert _uris(discover(InputConfig(uris=[f"s3://{bucket}/lit/scan [12].png"]), storage)) == [
+        f"s3://{bucket}/lit/scan 1.png"]
+    # Manifest entries are exact keys.
+    rows = [f"s3://{bucket}/lit/scan [1].png", f"s3://{bucket}/lit/a*b.png"]
+    fs.pipe(f"{bucket}/lit.jsonl", "".join(f'{{"u": "{r}"}}\n' for r in rows).encode())
+    found = discover(InputConfig(manifest=f"s3://{bucket}/lit.jsonl", manifest_column="u"), storage)
+    assert _uris(found) == sorted(rows)
+    fs.pipe(f"{bucket}/lit2.jsonl", f'{{"u": "s3://{bucket}/lit/scan [12].png"}}\n'.encode())
+    with pytest.raises(NoMatchError):
+        discover(InputConfig(manifest=f"s3://{bucket}/lit2.jsonl", manifest_column="u"), storage)
 
 
 def test_no_match_on_s3_fails_fast(bucket: str, storage: StorageConfig) -> None:

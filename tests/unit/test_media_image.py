@@ -60,7 +60,7 @@ def test_transparency_is_flattened_onto_white():
 
 
 def test_sixteen_bit_scales_instead_of_clipping():
-    arr16 = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    arr16 = np.tile(np.array([[0, 32768, 65535]], dtype=np.uint16), (4, 2))  # 6x4: above limits.min_image_side
     unit = _one(_save(Image.fromarray(arr16)))
     row = unit.frames[0][0, :, 0]
     assert row[0] == 0 and row[2] == 255 and 120 <= row[1] <= 135
@@ -95,7 +95,7 @@ def _gif(n: int) -> bytes:
 
 def test_multi_frame_policies():
     first = _one(_gif(4))
-    assert "multi_frame_first_only" in first.flags
+    assert "animation_first_frame" in first.flags  # default "auto": an animation's first frame
     every = list(expand_image(_gif(4), ImageConfig(multi_frame="all"), LimitsConfig()))
     assert [u.unit_index for u in every] == [0, 1, 2, 3]
     assert every[1].frames[0][0, 0, 0] != every[0].frames[0][0, 0, 0]

@@ -73,6 +73,35 @@ def test_literal_name_with_glob_characters(tmp_path: Path) -> None:
     assert uris(run(str(tmp_path / "scan [1].pdf"))) == [str(tmp_path / "scan [1].pdf")]
 
 
+def test_existing_literal_name_wins_over_the_pattern_it_looks_like(tmp_path: Path) -> None:
+    # "scan [1].png" as a glob would match "scan 1.png"; the file with the literal name exists, so it is read.
+    for name in ("scan [1].png", "scan 1.png", "a*b.png", "axb.png", "q?.png", "qq.png"):
+        (tmp_path / name).write_bytes(b"x")
+    for literal in ("scan [1].png", "a*b.png", "q?.png"):
+        assert uris(run(str(tmp_path / literal))) == [str(tmp_path / literal)]
+    # Without such a file it is a pattern.
+    assert uris(run(str(tmp_path / "scan [12].png"))) == [str(tmp_path / "scan 1.png")]
+
+
+def test_manifest_entries_are_exact_names_never_patterns(tmp_path: Path) -> None:
+    for name in ("scan [1].png", "scan 1.png", "scan 2.png", "x*.png", "xa.png"):
+        (tmp_path / name).write_bytes(b"x")
+    manifest = tmp_path / "m.csv"
+    _write_manifest(manifest, [{"uri": str(tmp_path / "scan [1].png")}, {"uri": str(tmp_path / "x*.png")}])
+    found = discover(InputConfig(manifest=str(manifest)), STORAGE)
+    assert uris(found) == [str(tmp_path / "scan [1].png"), str(tmp_path / "x*.png")]
+    # A listed name that does not exist is an error naming it, even where as a pattern it would match.
+    _write_manifest(manifest, [{"uri": str(tmp_path / "scan [12].png")}])
+    with pytest.raises(NoMatchError, match=r"scan \[12\]\.png"):
+        discover(InputConfig(manifest=str(manifest)), STORAGE)
+    # Many entries under one parent go through one listing: still exact.
+    names = [f"p[{i}].png" for i in range(10)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"y")
+    _write_manifest(manifest, [{"uri": str(tmp_path / n)} for n in names])
+    assert uris(discover(InputConfig(manifest=str(manifest)), STORAGE)) == sorted(str(tmp_path / n) for n in names)
+
+
 def test_overlapping_inputs_are_deduplicated(corpus: Path) -> None:
     found = run(str(corpus), f"{corpus}/**/*.pdf", str(corpus / "a.pdf"))
     assert len(found) == 6 and len(set(uris(found))) == 6
@@ -111,7 +140,7 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 def test_manifest_formats(corpus: Path, suffix: str) -> None:
     manifest = corpus.parent / f"manifest{suffix}"
     rows = [{"path": str(corpus / "sub/c.pdf"), "note": "x"}, {"path": str(corpus / "a.pdf"), "note": "y"},
-            {"path": f"{corpus}/sub/deep/*.mp4", "note": "glob"}, {"path": str(corpus / "a.pdf"), "note": "dup"}]
+            {"path": str(corpus / "sub/deep/d.mp4"), "note": "z"}, {"path": str(corpus / "a.pdf"), "note": "dup"}]
     _write_manifest(manifest, rows)
     found = discover(InputConfig(manifest=str(manifest), manifest_column="path"), STORAGE)
     assert uris(found) == [str(corpus / p) for p in ["a.pdf", "sub/c.pdf", "sub/deep/d.mp4"]]
