@@ -36,9 +36,14 @@ BLOCK_BYTES = 8 * 2**20
 SOURCES_PER_BLOCK = 16
 
 
+def ray_address(job: JobConfig) -> str | None:
+    """The cluster to join: `ray.address`, else RAY_ADDRESS, else None (start a local Ray)."""
+    return job.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(job: JobConfig) -> None:
     """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1."""
-    address = job.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(job)
     if address is None:
         # A local cluster must not bind the machine's external interface (see DESIGN.md section 6);
         # this must be set before ray is imported.
@@ -47,6 +52,8 @@ def init_ray(job: JobConfig) -> None:
 
     if ray.is_initialized():
         return
+    if address is not None:
+        check_reachable(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = job.ray.num_cpus or os.cpu_count() or 1
@@ -63,6 +70,49 @@ def init_ray(job: JobConfig) -> None:
     # committed. Blocks of a few MiB keep results flowing to the commit windows; a large page is
     # one block either way.
     ctx.target_max_block_size = BLOCK_BYTES
+
+
+#: How long `check_reachable` waits for a cluster's port to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within `timeout_s` when a `host:port` or `ray://host:port` address does not accept a TCP
+    connection; `ray.init` itself keeps retrying an absent GCS for a minute or more with no word.
+
+    `auto`/`local` are left to Ray (it reads the address of a cluster started on this machine and
+    fails at once when there is none). Raises exits.ClusterUnreachable naming the address and the fix.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    from pipeline.exits import ClusterUnreachable
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port or (10001 if parts.scheme == "ray" else 6379)
+    except ValueError:
+        raise ClusterUnreachable(f"ray.address {address!r} is not host:port or ray://host:port") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            # A port that accepts TCP but never speaks gRPC (a wrong port, a stuck proxy) hangs
+            # ray.init for minutes. The GCS and the Ray Client server are gRPC (HTTP/2) servers, which
+            # answer a client's connection preface with a SETTINGS frame (RFC 9113 section 3.4); grpcio
+            # is not a Ray dependency, so these few bytes are written by hand.
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            head = sock.recv(9)
+        why = None if len(head) == 9 and head[3] == 0x04 else "it does not answer as a Ray GCS or Ray Client server"
+    except socket.timeout:
+        why = "it accepts connections but does not answer as a Ray GCS or Ray Client server"
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+    if why is not None:
+        raise ClusterUnreachable(
+            f"Ray cluster at {address} is unreachable ({why}; waited at most {timeout_s:.0f} s): check "
+            "ray.address / RAY_ADDRESS, or unset both to run on a local Ray"
+        )
 
 
 def cluster_resources() -> dict[str, float]:

@@ -99,7 +99,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     Raises ConfigError/ModelUnavailable before any work, PrefixBusy when another run holds the
     output prefix.
     """
-    from pipeline import commit, sink
+    from pipeline import commit, outputs, resources, sink
     from pipeline.engines.factory import check_job, resolve_kind
     from pipeline.lease import Lease
     from pipeline.model_source import TINY
@@ -110,6 +110,9 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     stop = stop or StopRequest()
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc)
+    if (address := resources.ray_address(job)) is not None:
+        resources.check_reachable(address)  # seconds, before any listing or lock
+    outputs.check_output(job.output, job.storage)  # a missing bucket or refused credentials: before any work
     family = resolve_family(job)
     spec = get_family(family)
     # An explicit engine is checked now, before any listing; `auto` needs the cluster's GPUs (below).
