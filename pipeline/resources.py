@@ -133,20 +133,23 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
         gpus_per_replica = e.gpus_per_replica
     else:
         gpus_per_replica = float(tp) if gpus >= 1 else 0.0
-    if gpus_per_replica > 0 and gpus < gpus_per_replica * e.replicas:
+    replicas = e.replicas
+    if ray_address(job) is None:
+        replicas = _local_replicas(e.replicas, e.cpus_per_replica, gpus_per_replica, cpus, gpus)
+    if gpus_per_replica > 0 and gpus < gpus_per_replica * replicas:
         log.warning(
             "engine asks for %d replicas x %.2f GPU but the cluster has %.2f GPUs; replicas will wait for GPUs",
-            e.replicas, gpus_per_replica, gpus,
+            replicas, gpus_per_replica, gpus,
         )
     # Leave the engine replicas and the writers their CPUs; the rest preprocess (at least one actor,
     # on a fraction of a CPU when the cluster is that small).
-    free_cpus = max(0.5, cpus - e.replicas * e.cpus_per_replica - WRITE_CPUS)
+    free_cpus = max(0.5, cpus - replicas * e.cpus_per_replica - WRITE_CPUS)
     pre = job.ray.preprocess_concurrency or max(1, min(int(free_cpus), num_sources))
     pre_cpus = min(1.0, free_cpus / pre)
     from ray.data import ActorPoolStrategy
 
     infer: dict[str, Any] = {
-        "compute": ActorPoolStrategy(size=e.replicas),
+        "compute": ActorPoolStrategy(size=replicas),
         "num_cpus": e.cpus_per_replica,
         "batch_size": e.batch_size,
     }
@@ -155,14 +158,17 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
     # count of their own: while a lost node is being declared dead (~15 s) every call fails fast
     # as "actor unavailable", which burnt a small retry budget in a second and failed the run
     # (tests/faults/test_durable_runs.py); the restart bound still ends a crash loop.
+    # Ray 2.60 has no named parameter for max_restarts (Ray Data's own docs say to pass it as a
+    # remote arg), so this one deprecated remote arg stays, its warning silenced in graph.py, and
+    # pyproject pins ray below 2.64, where it would go. Ray Data sets max_task_retries=-1 itself
+    # whenever max_restarts is not 0.
     infer["max_restarts"] = e.max_restarts
-    infer["max_task_retries"] = -1
     if engine == "vllm":
         # Overlapping batches in each engine actor (pipeline/infer_async.py): enough calls in flight
         # to keep vLLM's scheduler full, so the engine never drains at a batch's longest reply.
         k = max(4, -(-e.vllm.max_num_seqs // e.batch_size))
-        infer["compute"] = ActorPoolStrategy(size=e.replicas, max_tasks_in_flight_per_actor=2 * k)
-        infer["max_concurrency"] = k
+        infer["compute"] = ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=2 * k,
+                                             max_concurrent_calls_per_actor=k)
     if tp > 1 and gpus_per_replica > 0:
         # vLLM spreads one replica over `tp` GPUs with Ray workers of its own: the actor takes no GPU
         # itself and each replica gets a placement group of `tp` GPU bundles on one node.
@@ -179,6 +185,23 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
         infer_batch_size=e.batch_size,
         write={"num_cpus": WRITE_CPUS},
     )
+
+
+def _local_replicas(replicas: int, cpus_per: float, gpus_per: float, cpus: float, gpus: float) -> int:
+    """Engine replicas a local Ray (started by the run, never autoscaled) can hold at once.
+
+    A job file written for a cluster (`engine.replicas: 8`) then runs on a laptop with fewer copies
+    instead of waiting forever for CPUs or GPUs that will never come; on a joined cluster the job's
+    number stands (an autoscaler adds the nodes).
+    """
+    fit = int((cpus - WRITE_CPUS - 0.5) // cpus_per)  # leave a writer and half a preprocess CPU
+    if gpus_per > 0:
+        fit = min(fit, int(gpus // gpus_per))
+    fit = max(1, fit)
+    if fit < replicas:
+        log.warning("engine.replicas is %d but the local Ray (%g CPUs, %g GPUs) holds %d at a time: running %d "
+                    "(on a cluster, set ray.address or RAY_ADDRESS)", replicas, cpus, gpus, fit, fit)
+    return min(replicas, fit)
 
 
 def _tp_placement(tp: int, cpus: float):
