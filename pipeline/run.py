@@ -163,10 +163,13 @@ def _take_over(layout: Any, attempt: str, summary: RunSummary) -> None:
     rolled = commit.recover(layout)
     dead = commit.discard_staging(layout, keep=attempt)
     for name in dead:
-        uri = layout.run_record(name)
-        try:
-            rec = json.loads(storage.read_bytes(uri, layout.storage, max_bytes=64 * 2**20))
-        except (FileNotFoundError, ValueError):
+        for uri in (layout.run_record(name), layout.legacy_run_record(name)):
+            try:
+                rec = json.loads(storage.read_bytes(uri, layout.storage, max_bytes=64 * 2**20))
+                break
+            except (FileNotFoundError, ValueError):
+                continue
+        else:
             continue
         if rec.get("status") == "running":
             rec["status"] = "abandoned"
