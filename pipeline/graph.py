@@ -6,6 +6,7 @@ one to finish over the whole corpus.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from pipeline.config import JobConfig
@@ -40,10 +41,14 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
         from pipeline.infer_async import AsyncInferStage
 
         stage = AsyncInferStage
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs={"job": job, "ctx": ctx},
-        batch_format="pyarrow",
-        **plan.infer,
-    )
+    with warnings.catch_warnings():
+        # max_restarts (and, with tensor parallelism, ray_remote_args_fn) have no named parameter in
+        # Ray 2.60; pipeline/resources.py says why they stay and pyproject.toml pins ray < 2.64.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args(_fn)?` is deprecated")
+        ds = ds.map_batches(
+            stage,
+            fn_constructor_kwargs={"job": job, "ctx": ctx},
+            batch_format="pyarrow",
+            **plan.infer,
+        )
     return ds
