@@ -45,8 +45,9 @@ def init_ray(job: JobConfig) -> None:
     """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1."""
     address = ray_address(job)
     if address is None:
-        # A local cluster must not bind the machine's external interface (see DESIGN.md section 6);
-        # this must be set before ray is imported.
+        # A local cluster must not bind the machine's external interface (Ray's default; with this
+        # variable every node of a local cluster uses 127.0.0.1, tests/ray_cluster.py); it must be
+        # set before ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -113,6 +114,31 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             f"Ray cluster at {address} is unreachable ({why}; waited at most {timeout_s:.0f} s): check "
             "ray.address / RAY_ADDRESS, or unset both to run on a local Ray"
         )
+
+
+#: How long the vLLM check waits for a GPU worker (an autoscaled GPU node takes minutes to come up).
+GPU_WORKER_WAIT_S = 1200.0
+
+
+def vllm_on_gpu_workers(timeout_s: float = GPU_WORKER_WAIT_S) -> bool:
+    """Whether vLLM is importable on a GPU worker of the joined cluster (a task asking for one GPU,
+    so an autoscaler brings a GPU node up for it). The driver, on a CPU head or submitter pod, has no
+    vLLM; the engine actors run where this task runs. Raises ConfigError when no GPU comes in time.
+    """
+    import importlib.util
+
+    import ray
+
+    from pipeline.config import ConfigError
+
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(lambda: importlib.util.find_spec("vllm") is not None)
+    ref = probe.remote()
+    try:
+        return bool(ray.get(ref, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ConfigError(f"engine.kind vllm/auto: no GPU worker joined the cluster within {timeout_s:.0f} s; check "
+                          "the GPU worker group (maxReplicas, node pool, nvidia.com/gpu quota)") from None
 
 
 def cluster_resources() -> dict[str, float]:

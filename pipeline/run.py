@@ -116,7 +116,11 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     family = resolve_family(job)
     spec = get_family(family)
     # An explicit engine is checked now, before any listing; `auto` needs the cluster's GPUs (below).
-    engine = None if job.engine.kind == "auto" else resolve_kind(job.engine.kind, family)
+    # On a cluster the engine runs on GPU workers, not here: whether vLLM is there is asked there,
+    # once Ray is up (_stream); here only the family and the settings are checked.
+    on_cluster = resources.ray_address(job) is not None
+    engine = None if job.engine.kind == "auto" else resolve_kind(
+        job.engine.kind, family, installed=(lambda: True) if on_cluster else None)
     if engine is not None:
         check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
@@ -235,6 +239,8 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     resources.init_ray(job)
     stop.reassert()  # ray.init replaces the SIGTERM handler
     cluster = resources.cluster_resources()
+    if resources.ray_address(job) is not None and (engine or job.engine.kind) in ("vllm", "auto"):
+        engine = resolve_kind(engine or "auto", family, cluster.get("GPU", 0.0), installed=resources.vllm_on_gpu_workers)
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)
