@@ -24,8 +24,15 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
     """
     import ray.data
 
-    task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
     ds = ray.data.from_items(sources, override_num_blocks=plan.num_source_blocks)
+    return apply_stages(ds, job, ctx, plan, pixel_budget, state_uri)
+
+
+def apply_stages(ds: Any, job: JobConfig, ctx: RunContext, plan: StagePlan, pixel_budget: int,
+                 state_uri: str | None = None) -> Any:
+    """The pipeline's stages (expand on CPU actors, then the engine pool) applied to a Ray Dataset of
+    source rows (source_uri, source_id, size, tasks); the stream `build_plan` describes."""
+    task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
     ds = ds.map_batches(
         ExpandSource,
         fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
