@@ -71,6 +71,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import JobConfig
 
+    if args.output:
+        from schemas.records import SCHEMA_VERSION, TABLES
+
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "tables": {
+            name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+            for name, schema in TABLES.items()}}, indent=2))
+        return 0
     print(json.dumps(JobConfig.model_json_schema(), indent=2))
     return 0
 
@@ -180,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_cmd_validate)
 
     sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
+    sch.add_argument("--output", action="store_true", help="print the output tables' Parquet schemas instead "
+                     "(results/, documents/: column, type, nullable)")
     sch.set_defaults(func=_cmd_schema)
 
     models = sub.add_parser("models", help="model utilities")

@@ -230,7 +230,8 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
                                      "the next run redoes its tasks")
     elif status == "ok" and "pdf_repaired" in flags:
         # A damaged PDF opens "repaired" and renders without errors, with pages missing or blank:
-        # calling it ok would be a silent loss (DESIGN.md section 6).
+        # calling it ok would be a silent loss (a PDF truncated to half opens repaired and renders
+        # every page without an exception, half of them empty).
         status, etype = "partial", "pdf_repaired"
         emsg = "the PDF was damaged and repaired on open; pages may be missing or blank (see units' flags)"
     return {**base, "media_type": d["media_type"], "num_units": len(d["units"]), "units_ok": units_ok,

@@ -30,7 +30,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("tile_index", pa.int32()),  # reading-order tile of an oversized unit; null when not tiled
         pa.field("num_tiles", pa.int32()),
         pa.field("task", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("status", pa.string(), nullable=False),  # ok | error | skipped (no task applies to the unit)
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("text", pa.string()),  # OCR text, markdown table or caption
@@ -71,7 +71,8 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("units_failed", pa.int32(), nullable=False),
         pa.field("results_ok", pa.int32(), nullable=False),  # result rows (unit x task) with status ok
         pa.field("results_failed", pa.int32(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | partial | error
+        # ok | partial (some results failed, or a repaired PDF) | error (none ok, or lost) | skipped (no task applied)
+        pa.field("status", pa.string(), nullable=False),
         pa.field("error_type", pa.string()),  # first error seen, for a quick look
         pa.field("error_message", pa.string()),
         pa.field("tasks", pa.list_(pa.string())),

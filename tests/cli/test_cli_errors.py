@@ -155,3 +155,17 @@ def test_describe_maps_storage_errors():
     wrapped = RuntimeError("Error calling __set_name__")
     wrapped.__cause__ = KeyboardInterrupt()
     assert exits.describe(wrapped)[0] == exits.SIGINT
+
+
+def test_schema_output_lists_the_parquet_columns():
+    import json
+
+    from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA
+
+    proc = cpmv("schema", "--output")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [c["name"] for c in out["tables"]["results"]] == RESULTS_SCHEMA.names
+    assert [c["name"] for c in out["tables"]["documents"]] == DOCUMENTS_SCHEMA.names
+    status = next(c for c in out["tables"]["results"] if c["name"] == "status")
+    assert status == {"name": "status", "type": "string", "nullable": False}
