@@ -68,9 +68,12 @@ class InferStage:
         if todo:
             t0 = time.perf_counter()
             replies = self._generate([r for _, _, r in todo])
-            per_ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
+            call_ms = (time.perf_counter() - t0) * 1000.0
             for (unit, task, _), reply in zip(todo, replies, strict=True):
-                out.append(self._reply_row(unit, task, reply, per_ms, now))
+                # One call answers all of them at once: each waited the whole call (latency) and
+                # costs its share of it (infer_ms).
+                out.append(self._reply_row(unit, task, reply, call_ms / len(todo), now, latency_ms=call_ms,
+                                           batch_units=len(todo)))
         return to_table(out, STREAM_SCHEMA)
 
     def _guard(self, unit: dict[str, Any], task: ResolvedTask) -> "Verdict | None":
@@ -228,14 +231,18 @@ class InferStage:
             log.error("rebuilding the engine failed: %s", build_err)
             self.rebuilds_left = 0
 
-    def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, reply: Reply, ms: float, now: datetime) -> dict[str, Any]:
+    def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, reply: Reply, ms: float, now: datetime,
+                   latency_ms: float | None = None, batch_units: int | None = None) -> dict[str, Any]:
+        """`ms`: the unit's share of engine time (infer_ms); `latency_ms`: from handing it to the engine
+        to its reply; `batch_units`: the requests handed over together (schemas/records.py)."""
+        timing = {"infer_ms": ms, "latency_ms": latency_ms, "batch_units": batch_units}
         if reply.error_type:
             return self._row(unit, task, now, status="error", error_type=reply.error_type,
-                             error_message=reply.error_message, infer_ms=ms)
+                             error_message=reply.error_message, **timing)
         return self._row(
             unit, task, now, status="ok", text=reply.text, output_source="model",
             finish_reason=reply.finish_reason, prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens, infer_ms=ms,
+            completion_tokens=reply.completion_tokens, **timing,
         )
 
     def _marker_row(self, unit: dict[str, Any], now: datetime) -> dict[str, Any]:

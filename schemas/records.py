@@ -46,7 +46,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("text_layer_chars", pa.int32()),
         pa.field("text_layer_quality", pa.float32()),  # fraction of printable characters in the text layer
         pa.field("flags", pa.list_(pa.string())),
-        pa.field("preprocess_ms", pa.float64()),
+        pa.field("preprocess_ms", pa.float64()),  # this unit's expansion (render, decode, resize), ms
+        # this unit's share of engine time: its engine call's wall time / the units in the call (a
+        # batched call cannot time units apart; vLLM streaming: latency_ms / batch_units). Null: no engine
         pa.field("infer_ms", pa.float64()),
         pa.field("model", pa.string(), nullable=False),
         pa.field("model_family", pa.string()),
@@ -54,6 +56,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("prompt_version", pa.string(), nullable=False),
         pa.field("fingerprint", pa.string(), nullable=False),  # task+model+prompt+params: the resume key
         pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("latency_ms", pa.float64()),  # from handing the unit to the engine to its reply (a batch: the call)
+        pa.field("batch_units", pa.int32()),  # requests handed to the engine together with this one
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
