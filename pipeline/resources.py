@@ -160,6 +160,13 @@ def plan_stages(job: JobConfig, num_sources: int, resources: dict[str, float], e
     else:
         gpus_per_replica = float(tp) if gpus >= 1 else 0.0
     replicas = e.replicas
+    if ray_address(job) is None and gpus_per_replica > gpus:
+        from pipeline.config import ConfigError
+
+        # A local Ray never gains GPUs: the engine actors would wait forever, with no word.
+        raise ConfigError(f"engine.gpus_per_replica is {gpus_per_replica:g} but the local Ray has {gpus:g} GPUs: "
+                          "unset it (1 GPU per replica where the cluster has GPUs, else none), or join a GPU "
+                          "cluster with --address / RAY_ADDRESS")
     if ray_address(job) is None:
         replicas = _local_replicas(e.replicas, e.cpus_per_replica, gpus_per_replica, cpus, gpus)
     if gpus_per_replica > 0 and gpus < gpus_per_replica * replicas:

@@ -64,3 +64,15 @@ def test_local_ray_runs_the_replicas_it_can_hold(monkeypatch):
     assert plan_stages(joined, num_sources=10, resources={"CPU": 2.0}).infer["compute"].min_size == 8
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert plan_stages(job, num_sources=10, resources={"CPU": 2.0}).infer["compute"].min_size == 8
+
+
+def test_local_ray_without_the_gpus_a_job_pins_fails_fast(monkeypatch):
+    import pytest
+
+    from pipeline.config import ConfigError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = load_job_data({**BASE, "engine": {"gpus_per_replica": 1}})
+    with pytest.raises(ConfigError, match="gpus_per_replica"):
+        plan_stages(job, num_sources=10, resources={"CPU": 2.0})
+    assert plan_stages(job, num_sources=10, resources={"CPU": 8.0, "GPU": 1.0}).infer["num_gpus"] == 1
