@@ -14,6 +14,7 @@ Exit statuses (also in the README, "Exit statuses"):
     5    the Ray cluster (`ray.address` / RAY_ADDRESS) cannot be reached
     70   internal error (a bug): the message asks for `--debug` and a report
     130  interrupted by SIGINT (Ctrl-C); 143 by SIGTERM
+    141  stdout was closed by its reader (`cpmv inspect ... | head`), as SIGPIPE would give
 """
 
 from __future__ import annotations
