@@ -6,8 +6,12 @@ STAMP := $(VENV)/.installed
 # MODEL=tiny runs the demo offline with a tiny random MiniCPM-V 4.6 (meaningless text, real code path).
 MODEL ?=
 DEMO_SET := $(if $(MODEL),--set model.name=$(MODEL),)
+# The torch pins of .venv and of the CPU image (infra/Dockerfile gets them as build args).
+TORCH_PIN := torch==2.14.1
+TORCHVISION_PIN := torchvision==0.29.1
+IMAGE ?= cpmv-batch
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean image-cpu image-gpu
 
 install: $(STAMP)
 
@@ -16,10 +20,12 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) $(TORCHVISION_PIN)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The corpus is written once: files already there are kept (same bytes, same source ids), so a
+# second `make demo` shows the resume.
 demo: $(STAMP)
 	$(BIN)/cpmv samples demo/corpus
 	$(BIN)/cpmv run jobs/demo.yaml $(DEMO_SET)
@@ -40,3 +46,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo/out demo/corpus .pytest_cache
+
+# Container images (infra/Dockerfile): cpu for the head and preprocess workers, gpu (vLLM) for engines.
+image-cpu:
+	docker build -f infra/Dockerfile --target cpu --build-arg TORCH_PIN=$(TORCH_PIN) \
+		--build-arg TORCHVISION_PIN=$(TORCHVISION_PIN) -t $(IMAGE):cpu .
+
+image-gpu:
+	docker build -f infra/Dockerfile --target gpu -t $(IMAGE):gpu .

@@ -192,7 +192,7 @@ class Workspace:
         return last
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*.json"))]
+        return [json.loads(p.read_text()) for p in sorted((self.out / "_runs").glob("*.json"))]
 
     def cleanup(self) -> None:
         if not self.keep:

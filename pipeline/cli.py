@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import os
+import signal
 import sys
 
-from pipeline.config import ConfigError
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    # Nothing to clean up yet; a KeyboardInterrupt here would surface inside whichever import it
+    # hit (pydantic and pyarrow turn it into RuntimeError or a half-imported module).
+    os.write(2, b"cpmv: interrupted\n")
+    os._exit(128 + signum)
+
+
+# Ctrl-C while the modules load ends like any other: one line, status 130. Only when run as the
+# `cpmv` program: a process that imports this module (tests, notebooks) keeps its own handler.
+# It stays until a command installs its own (`cpmv run`: pipeline/stop.py), so no KeyboardInterrupt
+# ever lands inside a lazy import; commands without one end at once, as there is nothing to publish.
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cpmv":
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import argparse  # noqa: E402 - after the handler above
+import json  # noqa: E402
+import logging  # noqa: E402
+import traceback  # noqa: E402
+
+from pipeline.config import ConfigError  # noqa: E402
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -21,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop = StopRequest()
     stop.install()
     try:
-        job = load_job(args.job, args.set)
+        job = load_job(args.job, args.set + ([f"ray.address={args.address}"] if args.address else []))
         summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop)
     except (ConfigError, ModelUnavailable, ValueError) as err:
         print(f"cpmv: {err}", file=sys.stderr)
@@ -52,6 +71,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import JobConfig
 
+    if args.output:
+        from schemas.records import SCHEMA_VERSION, TABLES
+
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "tables": {
+            name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+            for name, schema in TABLES.items()}}, indent=2))
+        return 0
     print(json.dumps(JobConfig.model_json_schema(), indent=2))
     return 0
 
@@ -103,9 +129,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cpmv-batch")
+    except PackageNotFoundError:
+        from pipeline import __version__
+
+        return __version__
+
+
+def _global_flags(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="debug logging, and the traceback of an error instead of one line")
+
+
+def _flags_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept the global flags after any (sub)command too: `cpmv run job.yaml -v` = `cpmv -v run job.yaml`.
+
+    Walks every subparser, including those registered by other modules, and adds the flags with a
+    suppressed default, so a flag given at one level is not reset by another level's default.
+    """
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in set(action.choices.values()):
+                if not any("--debug" in a.option_strings for a in sp._actions):
+                    _global_flags(sp, argparse.SUPPRESS)
+                _flags_anywhere(sp)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cpmv", description="MiniCPM-V batch pipeline on Ray Data")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p = argparse.ArgumentParser(prog="cpmv", description="MiniCPM-V batch pipeline on Ray Data",
+                                epilog="exit statuses: 0 ok, 1 run failed, 2 usage/job error, 3 inputs not "
+                                "found, 4 storage/credentials, 5 Ray cluster unreachable, 70 internal error, "
+                                "130/143 interrupted (README: Exit statuses)")
+    _global_flags(p, False)
+    p.add_argument("--version", action="version", version=f"cpmv {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a job file")
@@ -116,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also redo committed rows with these error types (no value: every type); transient "
                      "types (engine errors, HTTP 408/429/5xx, connection errors, timeouts, lost units) are "
                      "always redone")
+    run.add_argument("--address", help="Ray cluster to join (host:6379, ray://host:10001, auto); default: "
+                     "ray.address, else RAY_ADDRESS, else a local Ray on this machine")
     run.set_defaults(func=_cmd_run)
 
     val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")
@@ -124,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=_cmd_validate)
 
     sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
+    sch.add_argument("--output", action="store_true", help="print the output tables' Parquet schemas instead "
+                     "(results/, documents/: column, type, nullable)")
     sch.set_defaults(func=_cmd_schema)
 
     models = sub.add_parser("models", help="model utilities")
@@ -159,11 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `cpmv` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    """Entry point of the `cpmv` console script; the exit statuses are listed in pipeline/exits.py."""
+    from pipeline import exits, logsafe
+
+    parser = build_parser()
+    _flags_anywhere(parser)
+    args = parser.parse_args(argv)
+    logsafe.configure(logging.DEBUG if args.verbose or args.debug else logging.INFO)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `cpmv inspect ... | head`: the reader is gone, nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 141
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the one place errors meet the user
+        if args.debug and not isinstance(err, KeyboardInterrupt):
+            from pipeline.storage import redact
+
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        code, message = exits.describe(err)
+        print(f"cpmv: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

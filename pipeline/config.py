@@ -23,6 +23,10 @@ FamilyName = Literal[
 ]
 
 
+#: A name safe as one path segment and visible to Parquet readers (which skip `_`/`.` prefixes).
+SAFE_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class _Model(BaseModel):
     # Unknown keys are errors: a typo in a job file must not be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -395,6 +399,37 @@ class OutputConfig(_Model):
         "(an S3 server restarting) before the run stops with status `failed` (what was published stays)."
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+    create_bucket: bool = Field(
+        False, description="Create the output bucket when it does not exist; by default a missing bucket stops the "
+        "run before any work (a typo must not create a bucket)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _safe_uri(cls, uri: str) -> str:
+        return normalize_output_uri(uri)
+
+
+def normalize_output_uri(uri: str) -> str:
+    """`uri` with a local path normalised (`out/a/../x` -> `out/x`); refuses an empty URI, a remote one
+    with `.`/`..` segments (object stores take them literally: S3 answers `Bad Request`) and one with
+    no bucket. Raises ValueError naming the fix.
+    """
+    uri = uri.strip()
+    if not uri:
+        raise ValueError("output.uri is empty: name a directory or a prefix such as s3://bucket/out "
+                         "(an empty one would write into the current directory)")
+    if "://" not in uri or uri.startswith("file://"):
+        path = uri.removeprefix("file://")
+        return os.path.normpath(path) if path else path
+    scheme, rest = uri.split("://", 1)
+    segments = rest.rstrip("/").split("/")
+    if not segments[0]:
+        raise ValueError(f"output.uri {uri!r} names no bucket: use {scheme}://BUCKET/PREFIX")
+    if any(seg in (".", "..") for seg in segments) or any(not seg for seg in segments[1:]):
+        raise ValueError(f"output.uri {uri!r} has '.', '..' or empty segments, which object stores take "
+                         f"literally: write the prefix it means without them")
+    return f"{scheme}://{'/'.join(segments)}"
 
 
 class RayConfig(_Model):
@@ -417,9 +452,14 @@ class RayConfig(_Model):
 class JobConfig(_Model):
     """A cpmv-batch job: inputs, model, tasks and outputs."""
 
-    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$", description="Job name, used in run ids.")
+    # Both become file-name prefixes of every output file: a leading `_` or `.` would hide the files
+    # from pyarrow, pandas, DuckDB and Spark (they skip such names), and a path separator or a very
+    # long name would fail only at the first commit.
+    name: str = Field("job", pattern=SAFE_SEGMENT, max_length=100,
+                      description="Job name, used in run ids (letters, digits, `_.-`; starts with a letter or digit).")
     run_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Run id; unset makes one from the job name and the time."
+        None, pattern=SAFE_SEGMENT, max_length=100,
+        description="Run id (as `name`); unset makes one from the job name and the time."
     )
     input: InputConfig = Field(..., description="Inputs.")
     output: OutputConfig = Field(..., description="Outputs.")
@@ -555,9 +595,16 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `cpmv schema` lists the fields)"
+        elif e["type"] == "string_pattern_mismatch" and e.get("ctx", {}).get("pattern") == SAFE_SEGMENT:
+            msg = (f"{e.get('input')!r} is not a safe name: use letters, digits, `_`, `.` and `-`, starting with "
+                   "a letter or digit")
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # our validators' messages stand on their own
         lines.append(f"  {loc}: {msg}")
+    if len(lines) == 2:  # one error: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -577,9 +624,13 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     if not p.is_file():
         raise ConfigError(f"job file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        with p.open(encoding="utf-8") as f:  # a stream, so YAML's messages name the file, not <unicode string>
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"job file {p} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x) or err
+        raise ConfigError(f"job file {p} is not valid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"job file {p} must be a mapping of fields, got {type(data).__name__}")
     return load_job_data(data, overrides, source=str(p))

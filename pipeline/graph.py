@@ -6,6 +6,7 @@ one to finish over the whole corpus.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from pipeline.config import JobConfig
@@ -23,8 +24,15 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
     """
     import ray.data
 
-    task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
     ds = ray.data.from_items(sources, override_num_blocks=plan.num_source_blocks)
+    return apply_stages(ds, job, ctx, plan, pixel_budget, state_uri)
+
+
+def apply_stages(ds: Any, job: JobConfig, ctx: RunContext, plan: StagePlan, pixel_budget: int,
+                 state_uri: str | None = None) -> Any:
+    """The pipeline's stages (expand on CPU actors, then the engine pool) applied to a Ray Dataset of
+    source rows (source_uri, source_id, size, tasks); the stream `build_plan` describes."""
+    task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
     ds = ds.map_batches(
         ExpandSource,
         fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
@@ -40,10 +48,14 @@ def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, p
         from pipeline.infer_async import AsyncInferStage
 
         stage = AsyncInferStage
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs={"job": job, "ctx": ctx},
-        batch_format="pyarrow",
-        **plan.infer,
-    )
+    with warnings.catch_warnings():
+        # max_restarts (and, with tensor parallelism, ray_remote_args_fn) have no named parameter in
+        # Ray 2.60; pipeline/resources.py says why they stay and pyproject.toml pins ray < 2.64.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args(_fn)?` is deprecated")
+        ds = ds.map_batches(
+            stage,
+            fn_constructor_kwargs={"job": job, "ctx": ctx},
+            batch_format="pyarrow",
+            **plan.infer,
+        )
     return ds

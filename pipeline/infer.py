@@ -70,9 +70,12 @@ class InferStage:
         if todo:
             t0 = time.perf_counter()
             outcomes = self._generate_checked(todo)
-            per_ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
+            call_ms = (time.perf_counter() - t0) * 1000.0
             for (unit, task, _), outcome in zip(todo, outcomes, strict=True):
-                out.append(self._reply_row(unit, task, outcome, per_ms, now))
+                # One call answers all of them at once: each waited the whole call, retry rounds
+                # included (latency), and costs its share of it (infer_ms).
+                out.append(self._reply_row(unit, task, outcome, call_ms / len(todo), now, latency_ms=call_ms,
+                                           batch_units=len(todo)))
         return to_table(out, STREAM_SCHEMA)
 
     def _generate_checked(self, todo: list[tuple[dict[str, Any], ResolvedTask, Request]]) -> list["Attempts"]:
@@ -254,20 +257,25 @@ class InferStage:
             self.rebuilds_left = 0
 
     def _reply_row(self, unit: dict[str, Any], task: ResolvedTask, outcome: "Attempts", ms: float,
-                   now: datetime) -> dict[str, Any]:
+                   now: datetime, latency_ms: float | None = None, batch_units: int | None = None) -> dict[str, Any]:
         """The row of a unit's last reply: ok when it passed the checks; else the page's text layer
-        (OCR of a page, `checks.text_layer_fallback`) or an error row `reply_*` that keeps the reply."""
+        (OCR of a page, `checks.text_layer_fallback`) or an error row `reply_*` that keeps the reply.
+
+        `ms`: the unit's share of engine time (infer_ms); `latency_ms`: from handing it to the engine
+        to its last reply; `batch_units`: the requests handed over together (schemas/records.py).
+        """
         from pipeline.checks import ERROR_TYPES
 
         reply, verdict = outcome.reply, outcome.verdict
         assert reply is not None
-        tries = {"attempts": outcome.count, "retry_reasons": outcome.reasons}
+        tries = {"attempts": outcome.count, "retry_reasons": outcome.reasons,
+                 "infer_ms": ms, "latency_ms": latency_ms, "batch_units": batch_units}
         if reply.error_type:
             return self._row(unit, task, now, status="error", error_type=reply.error_type,
-                             error_message=reply.error_message, infer_ms=ms, **tries)
+                             error_message=reply.error_message, **tries)
         assert verdict is not None
         model = {"finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
-                 "completion_tokens": reply.completion_tokens, "infer_ms": ms, **tries}
+                 "completion_tokens": reply.completion_tokens, **tries}
         if verdict.ok:
             return self._row(unit, task, now, status="ok", text=verdict.text, output_source="model",
                              tables=verdict.tables, **model)

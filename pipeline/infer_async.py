@@ -203,9 +203,10 @@ class AsyncInferStage(InferStage):
             async with self._sync_lock:  # type: ignore[union-attr]
                 t0 = time.perf_counter()
                 outcomes = await asyncio.to_thread(self._generate_checked, todo)
-            ms = (time.perf_counter() - t0) * 1000.0 / len(todo)
-            yield to_table([self._reply_row(u, t, o, ms, now) for (u, t, _), o in zip(todo, outcomes, strict=True)],
-                           STREAM_SCHEMA)
+            call_ms = (time.perf_counter() - t0) * 1000.0
+            yield to_table([self._reply_row(u, t, o, call_ms / len(todo), now, latency_ms=call_ms,
+                                            batch_units=len(todo))
+                            for (u, t, _), o in zip(todo, outcomes, strict=True)], STREAM_SCHEMA)
             return
         t0 = time.perf_counter()
         tasks = {asyncio.ensure_future(self._answer_checked(task, req)): (unit, task) for unit, task, req in todo}
@@ -216,7 +217,11 @@ class AsyncInferStage(InferStage):
                 rows = []
                 for fut in finished:
                     unit, task = tasks[fut]
-                    rows.append(self._reply_row(unit, task, fut.result(), (time.perf_counter() - t0) * 1000.0, now))
+                    # Requests overlap inside vLLM: each has its own latency; its share of engine
+                    # time is that latency spread over the requests submitted with it.
+                    latency = (time.perf_counter() - t0) * 1000.0
+                    rows.append(self._reply_row(unit, task, fut.result(), latency / len(todo), now,
+                                                latency_ms=latency, batch_units=len(todo)))
                 yield to_table(rows, STREAM_SCHEMA)
         finally:
             for fut in tasks:

@@ -5,7 +5,7 @@ processor options and stop tokens. It reads checkpoints' `config.json` only, so 
 torch/transformers imports and is cheap to use on CPU actors and in the driver.
 
 Values come from the transformers >= 5.7 processors (`models/minicpmv4_6`, `minicpmv4_7`,
-`minicpm_ocr`) and DESIGN.md section 2. The processors' own class defaults differ from the
+`minicpm_ocr`) and the recommended settings of the MiniCPM-V 4.6 model card. The processors' own class defaults differ from the
 recommended values below: they use `max_slice_nums=9` and `use_image_id=True` for images *and*
 video frames; the engines pass the recommended values explicitly.
 """

@@ -13,7 +13,7 @@ def render(summary: RunSummary) -> str:
     lines = [
         f"run {summary.run_id} ({summary.attempt}): {summary.status}"
         + (f": {summary.message}" if summary.message else ""),
-        f"  output     {summary.output_uri}  (results/, documents/, runs/{summary.attempt}.json)",
+        f"  output     {summary.output_uri}  (results/, documents/, _runs/{summary.attempt}.json)",
         f"  sources    {c.get('sources', 0)} found, {c.get('processed', 0)} processed, "
         f"{c.get('skipped_committed', 0)} skipped (already committed)"
         + (f", {c['retried_sources']} re-run ({', '.join(f'{k} x{v}' for k, v in sorted(summary.retried.items()))})"

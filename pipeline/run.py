@@ -100,7 +100,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     Raises ConfigError/ModelUnavailable before any work, PrefixBusy when another run holds the
     output prefix.
     """
-    from pipeline import commit, sink
+    from pipeline import commit, outputs, resources, sink
     from pipeline.engines.factory import check_job, resolve_kind
     from pipeline.lease import Lease
     from pipeline.model_source import TINY
@@ -111,10 +111,17 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     stop = stop or StopRequest()
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc)
+    if (address := resources.ray_address(job)) is not None:
+        resources.check_reachable(address)  # seconds, before any listing or lock
+    outputs.check_output(job.output, job.storage)  # a missing bucket or refused credentials: before any work
     family = resolve_family(job)
     spec = get_family(family)
     # An explicit engine is checked now, before any listing; `auto` needs the cluster's GPUs (below).
-    engine = None if job.engine.kind == "auto" else resolve_kind(job.engine.kind, family)
+    # On a cluster the engine runs on GPU workers, not here: whether vLLM is there is asked there,
+    # once Ray is up (_stream); here only the family and the settings are checked.
+    on_cluster = resources.ray_address(job) is not None
+    engine = None if job.engine.kind == "auto" else resolve_kind(
+        job.engine.kind, family, installed=(lambda: True) if on_cluster else None)
     if engine is not None:
         check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
@@ -162,10 +169,13 @@ def _take_over(layout: Any, attempt: str, summary: RunSummary) -> None:
     rolled = commit.recover(layout)
     dead = commit.discard_staging(layout, keep=attempt)
     for name in dead:
-        uri = layout.run_record(name)
-        try:
-            rec = json.loads(storage.read_bytes(uri, layout.storage, max_bytes=64 * 2**20))
-        except (FileNotFoundError, ValueError):
+        for uri in (layout.run_record(name), layout.legacy_run_record(name)):
+            try:
+                rec = json.loads(storage.read_bytes(uri, layout.storage, max_bytes=64 * 2**20))
+                break
+            except (FileNotFoundError, ValueError):
+                continue
+        else:
             continue
         if rec.get("status") == "running":
             rec["status"] = "abandoned"
@@ -231,6 +241,8 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     resources.init_ray(job)
     stop.reassert()  # ray.init replaces the SIGTERM handler
     cluster = resources.cluster_resources()
+    if resources.ray_address(job) is not None and (engine or job.engine.kind) in ("vllm", "auto"):
+        engine = resolve_kind(engine or "auto", family, cluster.get("GPU", 0.0), installed=resources.vllm_on_gpu_workers)
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)

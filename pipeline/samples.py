@@ -75,6 +75,11 @@ def make_bad_corpus(out_dir: str | Path) -> list[Path]:
 
 
 def _write(path: Path, data: bytes) -> Path:
+    # A file that already holds these bytes is left alone: rewriting it would change its mtime, so
+    # its source_id (URI + size + mtime on local disks), and a second `make demo` would redo
+    # everything instead of showing the resume.
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
     path.write_bytes(data)
     return path
 

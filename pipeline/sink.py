@@ -4,7 +4,8 @@ Layout under the output prefix (the commit protocol that fills it is pipeline/co
 
     results/<stem>.parquet        one row per unit and task (schemas.records.RESULTS_SCHEMA)
     documents/<stem>.parquet      one row per source of the same window (DOCUMENTS_SCHEMA)
-    runs/<attempt>.json           one run record per attempt: config (secrets redacted), counts, status
+    _runs/<attempt>.json          one run record per attempt: config (secrets redacted), counts, status
+                                  (`runs/` before; still read: an older run's record is marked there)
     _commits/<stem>.json          a decided commit not yet fully applied (rolled forward by any run)
     _staging/<attempt>/...        work in progress; never read as output
     _lock.json                    the attempt that owns the prefix now (pipeline/lease.py)
@@ -59,6 +60,12 @@ class Layout:
         return storage.safe_join(self.root, f"_commits/{stem}.json")
 
     def run_record(self, attempt: str) -> str:
+        # `_`-prefixed: pyarrow, pandas, DuckDB and Spark skip such names, so JSON beside the tables
+        # never breaks a reader pointed at the output root.
+        return storage.safe_join(self.root, f"_runs/{attempt}.json")
+
+    def legacy_run_record(self, attempt: str) -> str:
+        """Where runs before `_runs/` wrote their record (read when taking over from them)."""
         return storage.safe_join(self.root, f"runs/{attempt}.json")
 
     def lock(self) -> str:

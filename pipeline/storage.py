@@ -90,7 +90,11 @@ def _secret_option_values(options: Any, secret: bool = False) -> set[str]:
 # Signed-URL parameters and URL user-info can carry credentials inside otherwise harmless text.
 _SECRET_PATTERNS = (
     (re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s'\"]+", re.IGNORECASE), r"\1***"),
-    (re.compile(r"(Signature=)[^&\s'\"]+"), r"\1***"),
+    (re.compile(r"(Signature=)[^&,\s'\"]+"), r"\1***"),
+    # botocore's DEBUG log of a signed request: `Authorization: AWS4-HMAC-SHA256 Credential=<key id>/...`
+    # and the session token header, as `'X-Amz-Security-Token': b'...'` or `X-Amz-Security-Token: ...`.
+    (re.compile(r"(Credential=)[^/&,\s'\"]+"), r"\1***"),
+    (re.compile(r"(X-Amz-Security-Token['\"]?\s*:\s*b?['\"]?)[^'\"\s,}]+", re.IGNORECASE), r"\1***"),
     (re.compile(r"(://)[^/@\s:]+:[^/@\s]+@"), r"\1***@"),
 )
 

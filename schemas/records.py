@@ -36,7 +36,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("tile_index", pa.int32()),  # reading-order tile of an oversized unit; null when not tiled
         pa.field("num_tiles", pa.int32()),
         pa.field("task", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("status", pa.string(), nullable=False),  # ok | error | skipped (no task applies to the unit)
         pa.field("error_type", pa.string()),
         pa.field("error_message", pa.string()),
         pa.field("text", pa.string()),  # OCR text, markdown table or caption
@@ -52,7 +52,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("text_layer_chars", pa.int32()),
         pa.field("text_layer_quality", pa.float32()),  # fraction of printable characters in the text layer
         pa.field("flags", pa.list_(pa.string())),
-        pa.field("preprocess_ms", pa.float64()),
+        pa.field("preprocess_ms", pa.float64()),  # this unit's expansion (render, decode, resize), ms
+        # this unit's share of engine time: its engine call's wall time / the units in the call (a
+        # batched call cannot time units apart; vLLM streaming: latency_ms / batch_units). Null: no engine
         pa.field("infer_ms", pa.float64()),
         pa.field("model", pa.string(), nullable=False),
         pa.field("model_family", pa.string()),
@@ -65,6 +67,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),
         pa.field("retry_reasons", pa.list_(pa.string())),
         pa.field("tables", TABLES_TYPE),  # tables of `table` and `ocr` replies as data (pipeline/tables.py)
+        pa.field("latency_ms", pa.float64()),  # from handing the unit to the engine to its reply (a batch: the call)
+        pa.field("batch_units", pa.int32()),  # requests handed to the engine together with this one
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -82,7 +86,8 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("units_failed", pa.int32(), nullable=False),
         pa.field("results_ok", pa.int32(), nullable=False),  # result rows (unit x task) with status ok
         pa.field("results_failed", pa.int32(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | partial | error
+        # ok | partial (some results failed, or a repaired PDF) | error (none ok, or lost) | skipped (no task applied)
+        pa.field("status", pa.string(), nullable=False),
         pa.field("error_type", pa.string()),  # first error seen, for a quick look
         pa.field("error_message", pa.string()),
         pa.field("tasks", pa.list_(pa.string())),

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1 (DESIGN.md 6)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1 (see pipeline/resources.py)
 
 
 def _engine_pid() -> int | None:

@@ -55,14 +55,22 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0) -> str:
+def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
+                 installed: "Callable[[], bool] | None" = None) -> str:
     """The engine a job runs: `auto` is vLLM where GPUs and vLLM exist and vLLM serves the family,
-    else transformers where it serves the family, else vLLM. Fails fast when nothing can serve it."""
+    else transformers where it serves the family, else vLLM. Fails fast when nothing can serve it.
+
+    `installed` says whether vLLM is importable where the engine runs: this process by default; on
+    a cluster, the GPU workers (resources.vllm_on_gpu_workers), since the head and the driver run a
+    CPU image without vLLM.
+    """
     from pipeline.models import get_family
+
+    installed = installed or vllm_installed
 
     spec = get_family(family)
     if kind == "auto":
-        if cluster_gpus > 0 and vllm_installed() and "vllm" in spec.engines:
+        if cluster_gpus > 0 and "vllm" in spec.engines and installed():
             kind = "vllm"
         elif "transformers" in spec.engines:
             kind = "transformers"
@@ -72,10 +80,10 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0) -> str:
         raise ConfigError(
             f"engine.kind {kind}: {spec.display} is served by {', '.join(spec.engines)}; set engine.kind to one of them"
         )
-    if kind == "vllm" and not vllm_installed():
+    if kind == "vllm" and not installed():
         raise ConfigError(
-            "engine.kind vllm: vLLM is not installed here; install the `vllm` extra (GPU nodes) or, for CPU tests, "
-            "run scripts/setup_vllm_env.sh and use .venv-vllm"
+            "engine.kind vllm: vLLM is not installed where the engine runs; install the `vllm` extra (GPU nodes: "
+            "the image's gpu target) or, for CPU tests, run scripts/setup_vllm_env.sh and use .venv-vllm"
         )
     return kind
 

@@ -1,6 +1,6 @@
 """Image file -> RGB uint8 units, with pixels bounded from the header before anything is decoded.
 
-Order matters (DESIGN.md section 6): size check from the header (Image.open is lazy), then `load()`
+Order matters (measured with Pillow; tests/unit/test_image.py): size check from the header (Image.open is lazy), then `load()`
 (so a corrupt file fails here, loudly), and only then EXIF (reading EXIF first loads the image as a
 side effect and hides decode errors behind the EXIF try/except).
 """

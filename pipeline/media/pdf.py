@@ -8,7 +8,7 @@ Only display lists wait; a page's pixels exist from its render until its consume
 
 Render resolution is chosen per page from a pixel budget (what the model's slicer will use), not a
 fixed DPI: a Letter page and a poster both come out at about `pixel_budget` pixels, within
-[min_dpi, max_dpi]. Encoding a pixmap costs ~10x the render itself (DESIGN.md section 6), so the
+[min_dpi, max_dpi]. Encoding a pixmap costs ~10x the render itself (bench/preprocess_pdf.py), so the
 pixmap samples are copied into an array and nothing is encoded.
 
 Failure policy (codes are stable; they land in `error_type`):

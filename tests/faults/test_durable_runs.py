@@ -124,7 +124,7 @@ def assert_exactly_once(tmp: Path) -> tuple[list[dict], list[dict]]:
 
 
 def records(tmp: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((tmp / "out" / "runs").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((tmp / "out" / "_runs").glob("*.json"))]
 
 
 def test_sigkill_mid_run_then_rerun_redoes_only_unpublished_sources(env_dir):

@@ -107,3 +107,19 @@ def test_a_poisoned_request_fails_alone(stage):
     assert "injected failure" in err["error_message"]
     # bounded: one batch call, then per request 1 try (ok) or 1 + max_retries tries (poisoned)
     assert stage.engine.calls == 1 + 2 + 2 * 2
+
+
+def test_latency_columns_say_what_they_mean(stage):
+    """One engine call answers the batch: every row waited the whole call (latency_ms, the same for
+    all) and costs its share of it (infer_ms = latency_ms / batch_units); rows that never reached
+    the engine have none of the three."""
+    stage.engine = stage.real_engine
+    rows = stage(_batch([_unit(1), _unit(2, error="empty_file"), _unit(3)])).to_pylist()
+    engine_rows = [r for r in rows if r["status"] == "ok"]
+    assert {r["batch_units"] for r in engine_rows} == {4}  # 2 units x 2 tasks went to the engine
+    assert len({r["latency_ms"] for r in engine_rows}) == 1
+    for r in engine_rows:
+        assert r["latency_ms"] > 0 and r["infer_ms"] == pytest.approx(r["latency_ms"] / 4)
+    for r in rows:
+        if r["status"] == "error":
+            assert r["latency_ms"] is None and r["batch_units"] is None and r["infer_ms"] is None

@@ -40,7 +40,7 @@ def test_registry_has_the_native_and_the_minicpmv_generations() -> None:
         assert spec.scale_resolution == 448 and spec.patch_size == 14
         assert spec.video_max_slice_nums == 1 and not spec.use_image_id_video and spec.use_image_id_images
         assert spec.stop_tokens == ("<|im_end|>", "<|endoftext|>")
-    assert FAMILIES["minicpmv4_6"].image_max_slice_nums == 36  # DESIGN.md recommendation
+    assert FAMILIES["minicpmv4_6"].image_max_slice_nums == 36  # the 4.6 model card's recommendation
     assert FAMILIES["minicpm_ocr"].downsample_mode == "4x"
     assert FAMILIES["minicpmv4_6"].downsample_mode == "16x"
 

@@ -49,3 +49,30 @@ def test_tensor_parallel_replicas_get_placement_groups():
     plan = plan_stages(job, num_sources=10, resources={"CPU": 64.0, "GPU": 8.0}, engine="vllm")
     assert "num_gpus" not in plan.infer and callable(plan.infer["ray_remote_args_fn"])
     assert plan.infer["compute"].min_size == 2
+
+
+def test_local_ray_runs_the_replicas_it_can_hold(monkeypatch):
+    """A cluster job file (8 replicas) on a 2-core laptop: 1 replica, not a wait forever for CPUs."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = load_job_data({**BASE, "engine": {"replicas": 8}})
+    plan = plan_stages(job, num_sources=10, resources={"CPU": 2.0})
+    assert plan.infer["compute"].min_size == 1 and _total_cpus(plan) <= 2.0
+    plan = plan_stages(job, num_sources=100, resources={"CPU": 16.0, "GPU": 2.0})
+    assert plan.infer["compute"].min_size == 2  # two GPUs: two replicas of one GPU each
+    # A joined cluster keeps the job's number: its autoscaler brings the nodes.
+    joined = load_job_data({**BASE, "engine": {"replicas": 8}, "ray": {"address": "ray://head:10001"}})
+    assert plan_stages(joined, num_sources=10, resources={"CPU": 2.0}).infer["compute"].min_size == 8
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert plan_stages(job, num_sources=10, resources={"CPU": 2.0}).infer["compute"].min_size == 8
+
+
+def test_local_ray_without_the_gpus_a_job_pins_fails_fast(monkeypatch):
+    import pytest
+
+    from pipeline.config import ConfigError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    job = load_job_data({**BASE, "engine": {"gpus_per_replica": 1}})
+    with pytest.raises(ConfigError, match="gpus_per_replica"):
+        plan_stages(job, num_sources=10, resources={"CPU": 2.0})
+    assert plan_stages(job, num_sources=10, resources={"CPU": 8.0, "GPU": 1.0}).infer["num_gpus"] == 1

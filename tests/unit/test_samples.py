@@ -60,3 +60,25 @@ def test_bad_files_fail_the_way_they_should(tmp_path):
     with pytest.raises(av.FFmpegError):
         av.open(io.BytesIO(files["broken.mp4"]))
     assert all(len(data) < 300_000 for data in files.values())
+
+
+def test_second_corpus_write_keeps_files_and_source_ids(tmp_path):
+    """`make demo` twice: the corpus files are not rewritten, so their source ids (size + mtime on a
+    local disk) stay and the second run resumes instead of redoing everything."""
+    import os
+
+    from pipeline.config import InputConfig, StorageConfig
+    from pipeline.sources import discover
+
+    first = make_demo_corpus(tmp_path)
+    past = 1_000_000_000
+    for p in first:
+        os.utime(p, (past, past))
+    ids = {s.uri: s.source_id for s in discover(InputConfig(uris=[str(tmp_path)]), StorageConfig())}
+    make_demo_corpus(tmp_path)
+    assert all(p.stat().st_mtime == past for p in first)
+    again = {s.uri: s.source_id for s in discover(InputConfig(uris=[str(tmp_path)]), StorageConfig())}
+    assert again == ids
+    first[0].write_bytes(b"changed")  # a file that differs is rewritten
+    make_demo_corpus(tmp_path)
+    assert first[0].read_bytes() != b"changed"
