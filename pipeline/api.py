@@ -70,9 +70,11 @@ def process_dataset(ds: Any, job: JobConfig, uri_column: str = "uri") -> Any:
     plan = resources.plan_stages(job, _UNKNOWN_SOURCES, cluster, engine)
     spec = get_family(family)
     budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
-    sources = ds.map(_SourceRow(job, uri_column, list(tasks)))
+    # The two light steps around the stages take a writer's fraction of a CPU (plan.write): at Ray's
+    # default of 1 CPU they waited forever behind the actors on a 2-core machine.
+    sources = ds.map(_SourceRow(job, uri_column, list(tasks)), **plan.write)
     stream = apply_stages(sources, job, ctx, plan, budget)
-    return stream.map_batches(_results_only, batch_format="pyarrow",
+    return stream.map_batches(_results_only, batch_format="pyarrow", **plan.write,
                               fn_kwargs={"hidden": (MARKER_KIND, NO_ROW_KIND), "names": RESULTS_SCHEMA.names})
 
 
