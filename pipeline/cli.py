@@ -13,6 +13,7 @@ from pipeline.config import ConfigError
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_job
     from pipeline.model_source import ModelUnavailable
+    from pipeline.progress import ProgressOptions
     from pipeline.report import render
     from pipeline.retry import RetryPolicy
     from pipeline.run import run_job
@@ -22,7 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop.install()
     try:
         job = load_job(args.job, args.set)
-        summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop)
+        progress = ProgressOptions("off" if args.quiet else args.progress, args.progress_every)
+        progress.resolved()  # a bad --progress value fails before any work
+        summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop, progress)
     except (ConfigError, ModelUnavailable, ValueError) as err:
         print(f"cpmv: {err}", file=sys.stderr)
         return 2
@@ -116,7 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also redo committed rows with these error types (no value: every type); transient "
                      "types (engine errors, HTTP 408/429/5xx, connection errors, timeouts, lost units) are "
                      "always redone")
+    run.add_argument("--progress", default="auto", choices=["auto", "bars", "log", "off"],
+                     help="bars: Ray Data's per-operator bars plus a progress line; log: the line only; "
+                     "auto (default): bars on a terminal, log otherwise")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                     help="seconds between progress lines (default 30)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings and the summary only")
     run.set_defaults(func=_cmd_run)
+    from pipeline import runs_cmd  # its own module; registered here
+
+    rep_ = sub.add_parser("report", help="write the HTML report of a past run beside its run record")
+    rep_.add_argument("out", help="the job's output prefix (output.uri)")
+    rep_.add_argument("run_id", nargs="?", help="attempt or run_id (default: the newest run)")
+    rep_.set_defaults(func=runs_cmd.cmd_report)
+    runs = sub.add_parser("runs", help="list the runs of an output prefix with status and counts")
+    runs.add_argument("out", help="the job's output prefix (output.uri)")
+    runs.set_defaults(func=runs_cmd.cmd_runs)
 
     val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")
     val.add_argument("job")
@@ -157,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cpmv` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -36,8 +36,11 @@ BLOCK_BYTES = 8 * 2**20
 SOURCES_PER_BLOCK = 16
 
 
-def init_ray(job: JobConfig) -> None:
-    """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1."""
+def init_ray(job: JobConfig, progress_bars: bool | None = None) -> None:
+    """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1.
+
+    `progress_bars`: Ray Data's per-operator bars (None: only when CPMV_PROGRESS=1).
+    """
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address is None:
         # A local cluster must not bind the machine's external interface (see DESIGN.md section 6);
@@ -54,8 +57,11 @@ def init_ray(job: JobConfig) -> None:
         kwargs["address"] = address
     ray.init(**kwargs)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
-    # Progress bars flood CI logs and kubectl logs; the run summary reports throughput instead.
-    ctx.enable_progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+    # Bars flood CI logs and kubectl logs: the CLI asks for them on a terminal only (pipeline/progress.py
+    # logs a line every few seconds otherwise).
+    if progress_bars is None:
+        progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+    ctx.enable_progress_bars = progress_bars
     # Ray Data merges what a task yields into blocks of up to target_max_block_size (128 MiB by
     # default) and hands a block on only when it is full or the task ends. Units of small images
     # then travelled ~200 to a block, the engine stage answered a whole block per task, and the
