@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between progress lines (default 30)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings and the summary only")
     run.set_defaults(func=_cmd_run)
-    from pipeline import runs_cmd  # its own module; registered here
+    from pipeline import plan_cmd, runs_cmd  # their own modules; registered here
 
     rep_ = sub.add_parser("report", help="write the HTML report of a past run beside its run record")
     rep_.add_argument("out", help="the job's output prefix (output.uri)")
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list the runs of an output prefix with status and counts")
     runs.add_argument("out", help="the job's output prefix (output.uri)")
     runs.set_defaults(func=runs_cmd.cmd_runs)
+    plan_cmd.register(sub)
 
     val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")
     val.add_argument("job")
