@@ -53,6 +53,8 @@ def init_ray(job: JobConfig, progress_bars: bool | None = None) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = job.ray.num_cpus or os.cpu_count() or 1
+        if job.ray.metrics_export_port:
+            kwargs["_metrics_export_port"] = job.ray.metrics_export_port
     else:
         kwargs["address"] = address
     ray.init(**kwargs)

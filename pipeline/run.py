@@ -238,6 +238,11 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
 
     resources.init_ray(job, progress_bars=bars)
     stop.reassert()  # ray.init replaces the SIGTERM handler
+    from pipeline.metrics import RunMetrics
+
+    metrics = RunMetrics.create(job.name)
+    if metrics is not None:
+        stats.listeners.append(metrics)
     cluster = resources.cluster_resources()
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
@@ -271,6 +276,7 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     summary.counts["unpublished_in_flight"] = collector.in_flight()
     window.flush()
     meter.tick(force=True)
+    stats.queues({"results": 0, "open": collector.in_flight(), "window": 0}, force=True)
     if summary.status != "complete":
         _stop_ray()
     return engine
@@ -366,6 +372,7 @@ def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str,
         if window.due():
             window.flush()
         meter.tick()
+        meter.stats.queues({"results": blocks.qsize(), "open": collector.in_flight(), "window": len(window.sources)})
     if stop.is_set() or failure is not None:
         # Let the producer close Ray Data's iterator (it stops the plan's executor) before going on:
         # Ray Data threads that outlive Ray would start a new Ray instance to report their stats.

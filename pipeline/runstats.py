@@ -102,7 +102,8 @@ class RunStats:
         self.commit_busy_s = 0.0
         self.commit_lag = _Reservoir(9)  # seconds from a source's completion to its commit
         self.engine_busy_basis = "batch time split over its requests"
-        self.listeners: list[Any] = []  # objects with on_rows(stats, rows) (pipeline/metrics.py)
+        # objects with on_rows, on_sources, on_commit, on_tick (pipeline/metrics.py)
+        self.listeners: list[Any] = []
 
     def start(self, sources_total: int, workers: dict[str, int]) -> None:
         """The pipeline starts now, over `sources_total` sources with `workers` per stage."""
@@ -161,7 +162,7 @@ class RunStats:
         self.totals.update(b)
         self._add(t, b, spread_s=b["engine_busy_s"], spread_key="engine_busy_s")
         for listener in self.listeners:
-            listener.on_rows(self, rows)
+            listener.on_rows(self, rows, new_units)
 
     def sources_done(self, sources: list[Any]) -> None:
         """Sources the collector completed (pipeline.collect.Complete): the slowest are kept."""
@@ -185,6 +186,8 @@ class RunStats:
                 heapq.heapreplace(self._slowest, item)
         self.totals["sources_done"] += len(sources)
         self._add(t, Counter(sources_done=len(sources)))
+        for listener in self.listeners:
+            listener.on_sources(self, len(sources))
 
     def committed(self, busy_s: float, lags_s: list[float]) -> None:
         """A window was published in `busy_s`; its sources had waited `lags_s` since completion."""
@@ -192,6 +195,13 @@ class RunStats:
         self.commit_busy_s += busy_s
         for lag in lags_s:
             self.commit_lag.add(lag)
+        for listener in self.listeners:
+            listener.on_commit(self, busy_s, lags_s)
+
+    def queues(self, depths: dict[str, int], force: bool = False) -> None:
+        """The driver's queue depths now (results blocks, open sources, window sources)."""
+        for listener in self.listeners:
+            listener.on_tick(self, depths, force)
 
     # -- time series --------------------------------------------------------------------------
 
