@@ -72,7 +72,7 @@ def _figures(rec: dict[str, Any]) -> dict[str, str | None]:
         ax2 = ax.twinx()
         ax2.plot(t, [u / w for u in ts["completion_tokens"]], color="tab:red", alpha=0.6, label="output tokens/s")
         ax2.set_ylabel("output tokens/s")
-        fig.legend(loc="upper right", fontsize=8)
+        fig.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
         out["throughput"] = _png(fig)
 
         fig, ax = plt.subplots(figsize=(8, 3))

@@ -3,10 +3,10 @@
 Ray exports them with every other Ray metric on each node's metrics endpoint
 (`http://<node>:<metrics_export_port>/metrics`; a local cluster's port is `ray.metrics_export_port`,
 a KubeRay pod's is the operator's, 8080 by default), with the prefix `ray_`, so a Prometheus that
-scrapes Ray already has them. The driver records them, as it receives the result rows (pipeline/
+scrapes Ray already has them (Ray adds its own labels: SessionName, NodeAddress, WorkerId). The driver records them, as it receives the result rows (pipeline/
 runstats.py calls the `on_*` hooks); the dashboard in infra/grafana-cpmv.json plots them.
 
-Names as exported (counters get `_total`), all tagged `job`:
+Names as exported (counters get `_total`), all tagged `cpmv_job` (the job's name):
 
 | metric | type | tags | meaning |
 |---|---|---|---|
@@ -48,8 +48,10 @@ class RunMetrics:
         from ray.util.metrics import Counter as RayCounter
         from ray.util.metrics import Gauge, Histogram
 
-        self.tags = {"job": job}
-        j = ("job",)
+        # Not `job`: Prometheus sets its own `job` label on every scraped series (the exported one
+        # would be renamed `exported_job`).
+        self.tags = {"cpmv_job": job}
+        j = ("cpmv_job",)
         self.units = RayCounter("cpmv_units", "Units done, by kind", tag_keys=j + ("kind",))
         self.frames = RayCounter("cpmv_frames", "Video frames in the clips done", tag_keys=j)
         self.results = RayCounter("cpmv_results", "Result rows, by task and status", tag_keys=j + ("task", "status"))

@@ -89,7 +89,7 @@ class ProgressLog:
         parts.append(f"pages {rate('pages'):.2f}/s, frames {rate('frames'):.1f}/s,")
         parts.append(f"tokens {rate('completion_tokens'):.0f}/s out {rate('prompt_tokens'):.0f}/s in;")
         errors = snap["errors_by_type"]
-        parts.append("errors " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
+        parts.append("error rows " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1]))
                                   if errors else "none") + ";")
         if total and done and done < total:
             parts.append(f"ETA {_duration((total - done) * t / done)}")

@@ -236,6 +236,7 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     from pipeline.infer import RunContext
     from pipeline.sink import lost
 
+    stats.start(len(work), {})  # the clock of progress and of the time series: Ray's start included
     resources.init_ray(job, progress_bars=bars)
     stop.reassert()  # ray.init replaces the SIGTERM handler
     from pipeline.metrics import RunMetrics
@@ -250,7 +251,6 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     collector = Collector(work, observe=stats.rows)
     window = _Window(publisher, job.output, summary, stats)
     remaining = dict(work)
-    stats.start(len(work), {})
     for restart in range(job.ray.plan_restarts + 1):
         failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop, meter)
         if failure is None or stop.is_set():

@@ -78,7 +78,7 @@ def test_scraped_metrics_equal_the_run(tmp_path):
     (rec_path,) = (tmp_path / "out" / "runs").glob("*.json")
     rec = json.loads(rec_path.read_text())
     rows = [r for r in pq.read_table(tmp_path / "out" / "results").to_pylist()]
-    tags = {"job": "metrics"}
+    tags = {"cpmv_job": "metrics"}
     assert total(found, "ray_cpmv_units_total", kind="page", **tags) == rec["throughput"]["pages"] == 6
     for (task, status), n in Counter((r["task"], r["status"]) for r in rows).items():
         assert total(found, "ray_cpmv_results_total", task=task, status=status) == n

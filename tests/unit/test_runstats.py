@@ -108,7 +108,7 @@ def test_progress_line_rates_errors_and_eta(caplog):
         line = meter.tick()
     assert line in caplog.text
     assert "sources 1/4 (25%)" in line and "units 2 (0.20/s)" in line and "pages 0.20/s" in line
-    assert "tokens 10/s out" in line and "errors engine_error 1" in line and "ETA 30s" in line
+    assert "tokens 10/s out" in line and "error rows engine_error 1" in line and "ETA 30s" in line
     assert ProgressLog(stats, ProgressOptions("off")).tick(force=True) is None
 
 
