@@ -41,8 +41,10 @@ test: $(STAMP)
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm -q
 
 # Benchmarks print their figures and write JSON under bench/results/ (never asserted in tests).
+# engine_occupancy runs in the vLLM environment (set up as for `make test`); see bench/README.md.
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	bash scripts/setup_vllm_env.sh $(abspath $(VLLM_VENV))
+	CPMV_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m bench.run_all
 
 clean:
 	rm -rf demo/out demo/corpus .pytest_cache

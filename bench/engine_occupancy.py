@@ -25,8 +25,14 @@ Definitions (also written into the JSON):
   the engine's batch is; a batch tail shows here, not in occupancy).
 - throughput: requests / (last finish - first submission), i.e. engine start-up excluded for every
   variant. throughput_ratio = pipeline (async) throughput / raw throughput.
+- steady_share: the steady-state window over the whole busy time (first submission to last finish);
+  the figures above count only when it is >= MIN_STEADY_SHARE (0.8) over >= MIN_REQUESTS (1,000)
+  requests (`valid` in the JSON), else the drain dominates and occupancy says little.
+- end_to_end_ratio: (raw engine start + raw first generate over all requests) / (pipeline's first
+  request in to last row out, its engine start included), beside the steady-state ratio: what a
+  user waits for, start-up and drain included.
 
-    .venv-vllm/bin/python -m bench.engine_occupancy [--requests 96] [--batch-size 8]
+    .venv-vllm/bin/python -m bench.engine_occupancy [--requests 1000] [--batch-size 8]
     .venv-vllm/bin/python -m bench.engine_occupancy --gpu      # GPU pages/s; skips without CUDA
 """
 
@@ -46,6 +52,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+#: The least requests, and steady-state share of the busy time, for figures that count (issue 13).
+MIN_REQUESTS = 1000
+MIN_STEADY_SHARE = 0.8
 MAX_MODEL_LEN = 2048
 PROMPT = "Describe the image."
 SIDE = 448
@@ -171,6 +180,7 @@ def occupancy_stats(trace: list[tuple[float, float]]) -> dict[str, float]:
         "steady_window_s": window,
         "drain_s": t_end - t_last_submit,
         "busy_to_end_s": t_end - t0,
+        "steady_share": window / (t_end - t0) if t_end > t0 else 1.0,
         "throughput_rps": len(trace) / (t_end - t0),
     }
 
@@ -240,7 +250,7 @@ def run_ray_stage(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     import ray
 
     from pipeline.model_source import materialize
-    from schemas.records import RESULTS_SCHEMA, UNITS_SCHEMA, to_table
+    from schemas.records import STREAM_SCHEMA, UNITS_SCHEMA, to_table
 
     job, ctx = job_and_ctx(args.cache_dir, args.batch_size)
     materialize(job.model, job.storage)  # build the tiny checkpoint before timing
@@ -269,7 +279,7 @@ def run_ray_stage(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     tokens = 0
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
-        assert batch.schema.equals(RESULTS_SCHEMA), batch.schema
+        assert batch.schema.equals(STREAM_SCHEMA), batch.schema  # the stage's output: results + end markers
         n += batch.num_rows
         for s in batch.column("status").to_pylist():
             statuses[s] = statuses.get(s, 0) + 1
@@ -449,11 +459,11 @@ def _child(variant: str, args: argparse.Namespace, timeout: int) -> dict[str, An
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--requests", type=int, default=MIN_REQUESTS)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrent-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, help="rounds over the variants; best run of each is kept")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over the variants; best run of each is kept")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "cpmv-bench-cache"))
     p.add_argument("--variant", choices=("raw", "raw_capped", "sync", "async", "raydata_llm"), help="run one variant (internal)")
     p.add_argument("--skip", action="append", default=[], help="variants to leave out")
@@ -488,7 +498,8 @@ def main() -> None:
             if name in args.skip or (name == "raydata_llm" and rnd > 0):
                 continue
             print(f"engine_occupancy: round {rnd + 1}, running {name} ...", file=sys.stderr, flush=True)
-            res = _child(name, args, timeout=900)
+            # ~1 s per request per variant on 2 CPU cores: the timeout grows with the workload.
+            res = _child(name, args, timeout=max(900, 3 * args.requests))
             res["load_average_1m_after"] = os.getloadavg()[0]
             runs.setdefault(name, []).append(res)
             print(f"  {name}: {json.dumps(res)[:400]}", file=sys.stderr, flush=True)
@@ -501,6 +512,15 @@ def main() -> None:
     capped = variants.get("raw_capped", {})
     if "throughput_rps" in asy and "throughput_rps" in capped:
         asy["throughput_ratio_vs_raw_capped"] = asy["throughput_rps"] / capped["throughput_rps"]
+    # End to end: what a user waits for, engine start and drain included on both sides.
+    e2e_ratio = None
+    if "end_to_end_wall_s" in asy and "engine_start_s" in raw:
+        e2e_ratio = (raw["engine_start_s"] + raw["cold_wall_s"]) / asy["end_to_end_wall_s"]
+    share = asy.get("steady_share")
+    valid = args.requests >= MIN_REQUESTS and share is not None and share >= MIN_STEADY_SHARE
+    if not valid:
+        print(f"engine_occupancy: figures do not count: {args.requests} requests (need >= {MIN_REQUESTS}), "
+              f"steady-state share {share} (need >= {MIN_STEADY_SHARE})", file=sys.stderr)
     for v in ("sync", "raydata_llm"):
         r = variants.get(v, {})
         if "throughput_rps" in r and "throughput_rps" in raw:
@@ -511,6 +531,9 @@ def main() -> None:
     result = {
         "occupancy": asy.get("occupancy"),
         "throughput_ratio": ratio,
+        "end_to_end_ratio": e2e_ratio,
+        "steady_share": share,
+        "valid": valid,
         "requests": args.requests,
         "engine": "vllm",
         "model_family": "minicpmv4_5",
@@ -534,12 +557,17 @@ def main() -> None:
             "mean_in_flight": "time-average number of requests in flight over the steady-state window",
             "throughput": "requests / (last finish - first submission): engine start-up excluded for every variant",
             "throughput_ratio": "async stage throughput / raw LLM.generate throughput over the same requests",
+            "steady_share": "steady-state window / (last finish - first submission) of the async stage",
+            "valid": f"requests >= {MIN_REQUESTS} and steady_share >= {MIN_STEADY_SHARE}",
+            "end_to_end_ratio": "(raw engine start + raw first LLM.generate over all requests) / (async stage: first "
+                                "request into Ray Data to last row out, actor and engine start included)",
         },
         "variants": variants,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "engine_occupancy.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("occupancy", "throughput_ratio", "requests")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("occupancy", "throughput_ratio", "end_to_end_ratio", "steady_share",
+                                             "valid", "requests")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pipeline.config import ConfigError  # noqa: E402
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_job
     from pipeline.model_source import ModelUnavailable
+    from pipeline.progress import ProgressOptions
     from pipeline.report import render
     from pipeline.retry import RetryPolicy
     from pipeline.run import run_job
@@ -41,7 +42,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop.install()
     try:
         job = load_job(args.job, args.set + ([f"ray.address={args.address}"] if args.address else []))
-        summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop)
+        progress = ProgressOptions("off" if args.quiet else args.progress, args.progress_every)
+        progress.resolved()  # a bad --progress value fails before any work
+        summary = run_job(job, RetryPolicy.parse(args.retry_errors), stop, progress)
     except (ConfigError, ModelUnavailable, ValueError) as err:
         print(f"cpmv: {err}", file=sys.stderr)
         return 2
@@ -179,7 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "always redone")
     run.add_argument("--address", help="Ray cluster to join (host:6379, ray://host:10001, auto); default: "
                      "ray.address, else RAY_ADDRESS, else a local Ray on this machine")
+    run.add_argument("--progress", default="auto", choices=["auto", "bars", "log", "off"],
+                     help="bars: Ray Data's per-operator bars plus a progress line; log: the line only; "
+                     "auto (default): bars on a terminal, log otherwise")
+    run.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                     help="seconds between progress lines (default 30)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings and the summary only")
     run.set_defaults(func=_cmd_run)
+    from pipeline import plan_cmd, runs_cmd  # their own modules; registered here
+
+    rep_ = sub.add_parser("report", help="write the HTML report of a past run beside its run record")
+    rep_.add_argument("out", help="the job's output prefix (output.uri)")
+    rep_.add_argument("run_id", nargs="?", help="attempt or run_id (default: the newest run)")
+    rep_.set_defaults(func=runs_cmd.cmd_report)
+    runs = sub.add_parser("runs", help="list the runs of an output prefix with status and counts")
+    runs.add_argument("out", help="the job's output prefix (output.uri)")
+    runs.set_defaults(func=runs_cmd.cmd_runs)
+    plan_cmd.register(sub)
 
     val = sub.add_parser("validate", help="check a job file and print it resolved (secrets masked)")
     val.add_argument("job")
@@ -230,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _flags_anywhere(parser)
     args = parser.parse_args(argv)
-    logsafe.configure(logging.DEBUG if args.verbose or args.debug else logging.INFO)
+    quiet = getattr(args, "quiet", False)
+    logsafe.configure(logging.DEBUG if args.verbose or args.debug else logging.WARNING if quiet else logging.INFO)
     try:
         return args.func(args)
     except BrokenPipeError:  # `cpmv inspect ... | head`: the reader is gone, nothing more to say

@@ -47,6 +47,7 @@ class SourceWork:
 class _Open:
     expected: int | None = None
     keys: set[tuple[Any, Any, str]] = field(default_factory=set)
+    units: set[tuple[Any, Any]] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -67,8 +68,11 @@ class Collector:
     32-character id per source completed in this run (to drop late duplicates).
     """
 
-    def __init__(self, work: dict[str, SourceWork]):
+    def __init__(self, work: dict[str, SourceWork], observe: Any = None):
         self.work = work
+        # observe(rows, new_units): every accepted result row of a block, and whether each is the
+        # first row of its unit (pipeline/runstats.py counts units and tokens from these).
+        self.observe = observe
         self._open: dict[str, _Open] = {}
         self._done: set[str] = set()
         self.duplicates = 0
@@ -76,6 +80,8 @@ class Collector:
     def add(self, table: pa.Table) -> list[Complete]:
         """Take one block of the stream (schemas.records.STREAM_SCHEMA); return the sources it completed."""
         touched: set[str] = set()
+        seen: list[dict[str, Any]] = []
+        new_units: list[bool] = []
         for row in table.to_pylist():
             sid = row["source_id"]
             if sid in self._done:
@@ -95,7 +101,12 @@ class Collector:
                 state.keys.add(key)
                 if row["unit_kind"] != NO_ROW_KIND:
                     state.rows.append(row)
+                    seen.append(row)
+                    new_units.append(key[:2] not in state.units)
+                state.units.add(key[:2])
             touched.add(sid)
+        if self.observe is not None and seen:
+            self.observe(seen, new_units)
         done = []
         for sid in touched:
             state = self._open[sid]

@@ -447,6 +447,11 @@ class RayConfig(_Model):
     preprocess_concurrency: int | None = Field(
         None, ge=1, description="CPU actors that expand and preprocess sources; unset sizes it from the cluster."
     )
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of a local cluster's Prometheus endpoint "
+        "(http://127.0.0.1:PORT/metrics, the run's metrics among Ray's: pipeline/metrics.py); unset lets Ray pick "
+        "one. A cluster that is joined keeps the port it was started with."
+    )
 
 
 class JobConfig(_Model):

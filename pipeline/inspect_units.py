@@ -64,21 +64,30 @@ def pixel_budget(job: JobConfig, family: str) -> int:
 
 def inspect_units(job: JobConfig, family: str) -> Iterator[dict[str, Any]]:
     """One record per unit (and per failed source) of every source `job.input` names, in order."""
+    from pipeline.sources import discover
+
+    for _, records in inspect_sources(job, family, discover(job.input, job.storage)):
+        yield from records
+
+
+def inspect_sources(job: JobConfig, family: str, sources: Any) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+    """(source, its unit records) for each of `sources` (pipeline.sources.Source), expanded one at a
+    time (so a caller can time each: `cpmv plan` does)."""
     import pyarrow as pa
 
     from pipeline.expand import ExpandSource
-    from pipeline.sources import discover
     from pipeline.tasks import resolve_task
 
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()},
                             family)
-    for src in discover(job.input, job.storage):
+    for src in sources:
         row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks)}
+        records = []
         for table in expander(pa.Table.from_pylist([row])):
             # Pixels are not needed here: drop them before converting to Python objects.
-            for unit in table.drop_columns(["pixels"]).to_pylist():
-                yield unit_record(unit, job, family)
+            records.extend(unit_record(unit, job, family) for unit in table.drop_columns(["pixels"]).to_pylist())
+        yield src, records
 
 
 def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:

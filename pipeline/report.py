@@ -40,4 +40,6 @@ def render(summary: RunSummary) -> str:
         lines.append(f"    ... {shown_total - len(summary.documents)} more in documents/")
     t = summary.timings
     lines.append(f"  time       {t.get('total_s', 0):.1f} s (pipeline {t.get('pipeline_s', 0):.1f} s)")
+    for kind, uri in summary.reports.items():
+        lines.append(f"  report     {uri}" if kind == "html" else f"  record     {uri}")
     return "\n".join(lines)

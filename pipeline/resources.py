@@ -41,8 +41,11 @@ def ray_address(job: JobConfig) -> str | None:
     return job.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def init_ray(job: JobConfig) -> None:
-    """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1."""
+def init_ray(job: JobConfig, progress_bars: bool | None = None) -> None:
+    """Join the configured cluster (job, then RAY_ADDRESS) or start a local one pinned to 127.0.0.1.
+
+    `progress_bars`: Ray Data's per-operator bars (None: only when CPMV_PROGRESS=1).
+    """
     address = ray_address(job)
     if address is None:
         # A local cluster must not bind the machine's external interface (Ray's default; with this
@@ -58,12 +61,17 @@ def init_ray(job: JobConfig) -> None:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = job.ray.num_cpus or os.cpu_count() or 1
+        if job.ray.metrics_export_port:
+            kwargs["_metrics_export_port"] = job.ray.metrics_export_port
     else:
         kwargs["address"] = address
     ray.init(**kwargs)
     ctx = __import__("ray.data", fromlist=["DataContext"]).DataContext.get_current()
-    # Progress bars flood CI logs and kubectl logs; the run summary reports throughput instead.
-    ctx.enable_progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+    # Bars flood CI logs and kubectl logs: the CLI asks for them on a terminal only (pipeline/progress.py
+    # logs a line every few seconds otherwise).
+    if progress_bars is None:
+        progress_bars = os.environ.get("CPMV_PROGRESS", "0") == "1"
+    ctx.enable_progress_bars = progress_bars
     # Ray Data merges what a task yields into blocks of up to target_max_block_size (128 MiB by
     # default) and hands a block on only when it is full or the task ends. Units of small images
     # then travelled ~200 to a block, the engine stage answered a whole block per task, and the

@@ -48,6 +48,7 @@ class RunSummary:
     flags: dict[str, int] = field(default_factory=dict)  # documents by flag (pdf_repaired, lost_units, ...)
     retried: dict[str, int] = field(default_factory=dict)  # re-run sources by the error type that made them
     message: str | None = None  # why a run failed or stopped
+    reports: dict[str, str] = field(default_factory=dict)  # json/html -> URI of the run record and report
 
 
 def new_attempt(job: JobConfig) -> tuple[str, str]:
@@ -94,8 +95,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest | None = None) -> RunSummary:
+def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest | None = None,
+            progress: Any = None, html: bool = True) -> RunSummary:
     """Run `job` end to end and return its summary (status complete, interrupted or failed).
+
+    `progress`: pipeline.progress.ProgressOptions (default: auto); `html`: also write the HTML
+    report beside the run record (pipeline/html_report.py).
 
     Raises ConfigError/ModelUnavailable before any work, PrefixBusy when another run holds the
     output prefix.
@@ -105,9 +110,14 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     from pipeline.lease import Lease
     from pipeline.model_source import TINY
     from pipeline.models import get_family
+    from pipeline.progress import ProgressLog, ProgressOptions
+    from pipeline.runstats import RunStats
     from pipeline.tasks import fingerprint, resolve_task
 
     retry = retry or RetryPolicy()
+    progress = progress or ProgressOptions()
+    stats = RunStats()
+    meter = ProgressLog(stats, progress)
     stop = stop or StopRequest()
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc)
@@ -150,15 +160,15 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,
-                                                    layout, publisher, summary, stop)
+                                                    layout, publisher, summary, stop, stats, meter, progress.bars)
             elif stop.is_set():
                 summary.status = "interrupted"
         except BaseException as err:  # noqa: BLE001 - the record says how the run ended, then it re-raises
             summary.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             summary.message = f"{type(err).__name__}: {err}"
-            _finish(layout, record, summary, publisher, t_start, t_plan, work)
+            _finish(layout, record, summary, publisher, t_start, t_plan, work, stats, html)
             raise
-        _finish(layout, record, summary, publisher, t_start, t_plan, work)
+        _finish(layout, record, summary, publisher, t_start, t_plan, work, stats, html)
     return summary
 
 
@@ -225,7 +235,7 @@ _END = object()
 
 def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, engine: str | None,
             tasks: dict[str, Any], fps: dict[str, str], attempt: str, layout: Any, publisher: Any,
-            summary: RunSummary, stop: StopRequest) -> str:
+            summary: RunSummary, stop: StopRequest, stats: Any, meter: Any, bars: bool = False) -> str:
     """Run the plan and publish complete sources in windows; returns the engine kind used.
 
     When the plan fails (an engine actor out of restarts, Ray Data giving up on a task), the
@@ -238,19 +248,25 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     from pipeline.infer import RunContext
     from pipeline.sink import lost
 
-    resources.init_ray(job)
+    stats.start(len(work), {})  # the clock of progress and of the time series: Ray's start included
+    resources.init_ray(job, progress_bars=bars)
     stop.reassert()  # ray.init replaces the SIGTERM handler
+    from pipeline.metrics import RunMetrics
+
+    metrics = RunMetrics.create(job.name)
+    if metrics is not None:
+        stats.listeners.append(metrics)
     cluster = resources.cluster_resources()
     if resources.ray_address(job) is not None and (engine or job.engine.kind) in ("vllm", "auto"):
         engine = resolve_kind(engine or "auto", family, cluster.get("GPU", 0.0), installed=resources.vllm_on_gpu_workers)
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)
-    collector = Collector(work)
-    window = _Window(publisher, job.output, summary)
+    collector = Collector(work, observe=stats.rows)
+    window = _Window(publisher, job.output, summary, stats)
     remaining = dict(work)
     for restart in range(job.ray.plan_restarts + 1):
-        failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop)
+        failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop, meter)
         if failure is None or stop.is_set():
             break
         remaining = {sid: w for sid, w in remaining.items() if not collector.is_done(sid)}
@@ -266,11 +282,15 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     if stop.is_set():
         summary.status = "interrupted"
     if summary.status == "complete":
-        window.add(collector.drain())
+        drained = collector.drain()
+        stats.sources_done(drained)
+        window.add(drained)
         window.add([lost(w) for w in collector.never_seen()])
     summary.counts["duplicates_dropped"] = collector.duplicates
     summary.counts["unpublished_in_flight"] = collector.in_flight()
     window.flush()
+    meter.tick(force=True)
+    stats.queues({"results": 0, "open": collector.in_flight(), "window": 0}, force=True)
     if summary.status != "complete":
         _stop_ray()
     return engine
@@ -283,15 +303,17 @@ def _short(err: BaseException) -> str:
 class _Window:
     """Complete sources waiting for the next commit, and when to commit them."""
 
-    def __init__(self, publisher: Any, out: Any, summary: RunSummary):
-        self.publisher, self.out, self.summary = publisher, out, summary
+    def __init__(self, publisher: Any, out: Any, summary: RunSummary, stats: Any = None):
+        self.publisher, self.out, self.summary, self.stats = publisher, out, summary, stats
         self.sources: list[Any] = []
+        self.added: list[float] = []  # when each source joined the window (commit lag)
         self.units = self.rows = 0
         self.opened = time.monotonic()
 
     def add(self, sources: list[Any]) -> None:
         for src in sources:
             self.sources.append(src)
+            self.added.append(time.monotonic())
             self.units += src.units
             self.rows += len(src.rows)
 
@@ -301,18 +323,25 @@ class _Window:
                                        or time.monotonic() - self.opened >= o.commit_every_s)
 
     def flush(self) -> None:
+        t0 = time.monotonic()
         _publish(self.publisher, self.sources, self.out.commit_retry_s, self.summary)
-        self.sources, self.units, self.rows, self.opened = [], 0, 0, time.monotonic()
+        now = time.monotonic()
+        if self.stats is not None and self.sources:
+            self.stats.committed(now - t0, [now - t for t in self.added])
+        self.sources, self.added, self.units, self.rows, self.opened = [], [], 0, 0, now
 
 
 def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str, float], attempt: str,
-              layout: Any, collector: Any, window: _Window, stop: StopRequest) -> BaseException | None:
+              layout: Any, collector: Any, window: _Window, stop: StopRequest, meter: Any) -> BaseException | None:
     """One Ray Data plan over `work`, its output consumed on the driver; the plan's failure or None."""
     from pipeline import resources
     from pipeline.graph import build_plan
     from pipeline.models import get_family, pixel_budget
 
     plan = resources.plan_stages(job, len(work), cluster, ctx.engine)
+    meter.stats.workers.update(preprocess=_pool_size(plan.preprocess), infer=_pool_size(plan.infer))
+    if ctx.engine == "vllm":
+        meter.stats.engine_busy_basis = "per-request latency of overlapping requests (an upper bound)"
     spec = get_family(ctx.family)
     budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
     ds = build_plan(job, [w.item() for w in work.values()], ctx, plan, budget,
@@ -351,14 +380,23 @@ def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str,
             failure = item
             break
         if item is not None:
-            window.add(collector.add(item))
+            done = collector.add(item)
+            meter.stats.sources_done(done)
+            window.add(done)
         if window.due():
             window.flush()
+        meter.tick()
+        meter.stats.queues({"results": blocks.qsize(), "open": collector.in_flight(), "window": len(window.sources)})
     if stop.is_set() or failure is not None:
         # Let the producer close Ray Data's iterator (it stops the plan's executor) before going on:
         # Ray Data threads that outlive Ray would start a new Ray instance to report their stats.
         producer.join(timeout=STOP_GRACE_S)
     return failure
+
+
+def _pool_size(stage: dict[str, Any]) -> int:
+    """Actors of a stage's ActorPoolStrategy (1 when the stage runs as tasks)."""
+    return int(getattr(stage.get("compute"), "max_size", None) or 1)
 
 
 def _publish(publisher: Any, window: list[Any], retry_s: float, summary: RunSummary) -> None:
@@ -401,7 +439,7 @@ def _write_record(layout: Any, record: dict[str, Any]) -> None:
 
 
 def _finish(layout: Any, record: dict[str, Any], summary: RunSummary, publisher: Any, t_start: float,
-            t_plan: float, work: dict[str, Any]) -> None:
+            t_plan: float, work: dict[str, Any], stats: Any = None, html: bool = True) -> None:
     """Final counts and the run record (status complete, interrupted or failed); drop this run's staging."""
     from pipeline import storage
 
@@ -414,8 +452,19 @@ def _finish(layout: Any, record: dict[str, Any], summary: RunSummary, publisher:
                            total_s=round(time.perf_counter() - t_start, 3))
     record.update(status=summary.status, message=summary.message,
                   finished_at=datetime.now(timezone.utc).isoformat())
+    if stats is not None:
+        record.update(stats.report(summary.timings["pipeline_s"], summary.timings["discover_s"], summary.retried,
+                                   summary.counts))
     try:
         _write_record(layout, record)
+        summary.reports["json"] = layout.run_record(record["attempt"])
         storage.rm(layout.staging(summary.attempt), layout.storage, recursive=True)
     except Exception as err:  # noqa: BLE001 - the record is best effort when the store is down
         log.warning("could not write the run record: %s", storage.redact(err, layout.storage))
+    if html:
+        try:
+            from pipeline.html_report import write_html
+
+            summary.reports["html"] = write_html(layout, record)
+        except Exception as err:  # noqa: BLE001 - a report that cannot be drawn never fails the run
+            log.warning("could not write the HTML report: %s", storage.redact(err, layout.storage))
