@@ -140,3 +140,25 @@ def test_runs_lists_and_report_rerenders(tiny_run):
     assert str(html) in again.stdout and 'data-plot="throughput"' in html.read_text()
     missing = cpmv(tmp, "report", str(tmp / "out"), "no-such-run")
     assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr
+
+
+def test_progress_bars_and_quiet(tmp_path):
+    """`--progress bars` turns Ray Data's per-operator bars on (no "Progress bars disabled" hint);
+    `--quiet` prints no progress and no INFO logs, only the summary."""
+    import pymupdf
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    doc = pymupdf.open()
+    doc.new_page(width=300, height=400).insert_text((30, 60), "one page", fontsize=14)
+    doc.save(corpus / "one.pdf")
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.format(corpus=corpus, out=tmp_path / "out", cache=tmp_path / "cache"))
+    bars = cpmv(tmp_path, "run", str(job), "--progress", "bars", "--progress-every", "1")
+    assert bars.returncode == 0, bars.stderr[-3000:]
+    assert "Progress bars disabled" not in bars.stderr
+    assert "MapBatches(ExpandSource)" in bars.stderr and "pipeline.progress" in bars.stderr
+    quiet = cpmv(tmp_path, "run", str(job), "--set", "output.uri=" + str(tmp_path / "out2"), "-q")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "pipeline.progress" not in quiet.stderr and " INFO " not in quiet.stderr
+    assert "report     " in quiet.stdout
