@@ -24,10 +24,13 @@ def _checkpoint(tmp_path: Path, config: object, name: str = "ckpt") -> Path:
 
 NATIVE = {"minicpmv4_6", "minicpmv4_7", "minicpm_ocr"}
 LEGACY = {"minicpmv2_0": None, "minicpmv2_5": "2.5", "minicpmv2_6": "2.6", "minicpmv4_0": "4.0", "minicpmv4_5": "4.5"}
+UNSERVED = {"minicpmv1_0", "omnilmm_12b"}  # detected, but no engine serves them yet
 
 
 def test_registry_has_the_native_and_the_minicpmv_generations() -> None:
-    assert set(FAMILIES) == NATIVE | set(LEGACY)
+    assert set(FAMILIES) == NATIVE | set(LEGACY) | UNSERVED
+    for name in UNSERVED:
+        assert FAMILIES[name].engines == () and FAMILIES[name].note
     for name in LEGACY:
         spec = FAMILIES[name]
         assert not spec.native_transformers and spec.hf_model_type == "minicpmv" and spec.version == LEGACY[name]
@@ -62,7 +65,9 @@ def test_detect_family_reads_minicpmv_version(tmp_path: Path, family: str) -> No
     config = {"model_type": "minicpmv", "architectures": ["MiniCPMV"], "version": LEGACY[family]}
     if LEGACY[family] is None:  # 2.0's config has no version: vLLM tells it by its MiniCPM-2B sizes
         config.update(hidden_size=2304, query_num=64)
-    assert detect_family(_checkpoint(tmp_path, config)) == family
+    model_dir = _checkpoint(tmp_path, config)
+    (model_dir / "preprocessor_config.json").write_text("{}")  # every 2.0-4.5 checkpoint ships one
+    assert detect_family(model_dir) == family
 
 
 def test_detect_family_unknown_type_lists_supported(tmp_path: Path) -> None:
@@ -70,7 +75,7 @@ def test_detect_family_unknown_type_lists_supported(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         detect_family(model_dir)
     message = str(err.value)
-    assert "'llava'" in message and "minicpmv (2.0-4.5)" in message
+    assert "'llava'" in message and "minicpmv (1.0-4.5)" in message and "omnilmm" in message
     for name in NATIVE:
         assert FAMILIES[name].hf_model_type in message
     with pytest.raises(ValueError, match="unsupported MiniCPM-V version '9.9'"):
