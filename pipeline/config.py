@@ -20,6 +20,7 @@ TaskName = Literal["ocr", "table", "caption", "video_caption"]
 FamilyName = Literal[
     "auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
     "minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5",
+    "minicpmv1_0", "omnilmm_12b",
 ]
 
 
