@@ -208,6 +208,10 @@ class ExpandSource:
         self.job = job
         self.pixel_budget = pixel_budget
         self.task_kinds = task_kinds  # task name -> unit kinds it applies to
+        from pipeline.tasks import TILING_TASKS
+
+        # Only reading tasks (OCR, tables) are ever tiled; a job of captions renders and sends whole images.
+        self._tiling = job.tiling.enabled and any(t in TILING_TASKS for t in task_kinds)
         self.family = family
         # The processor settings the engine will use for images (None: the family's default).
         m = job.model
@@ -367,7 +371,7 @@ class ExpandSource:
             return None if rec is None else guard.skip_unit(rec, "page", ends_source=False)
 
         j = self.job
-        tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
+        tile_dpi = j.tiling.min_page_dpi if self._tiling else None
         groups = plan_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
                           tile_min_area=j.tiling.min_page_area, fit=self._page_size, on_page=on_page)
         last = t0
@@ -441,9 +445,19 @@ class ExpandSource:
             yield _source_row(src, media_type, **base, **self._pixels(frames))
             return
         from pipeline.media.tiling import cut
+        from pipeline.tasks import TILING_TASKS
 
+        reading = [t for t in src["tasks"] if t in TILING_TASKS]
+        whole = [t for t in src["tasks"] if t not in TILING_TASKS]
+        if whole or not reading:
+            # Captions see the whole picture: one untiled row (the overview, fit to the budget) for
+            # the tasks that are never tiled, next to the tiles of the reading tasks.
+            yield _source_row(src, media_type, **base, tasks=whole or list(src["tasks"]),
+                              **self._pixels([self._fit(unit.frames[0], False)]))
+        if not reading:
+            return
         for tile, part in zip(tiles, cut(unit.frames[0], tiles)):
-            yield _source_row(src, media_type, **base, tile_index=tile.index, num_tiles=len(tiles),
+            yield _source_row(src, media_type, **base, tasks=reading, tile_index=tile.index, num_tiles=len(tiles),
                               **self._pixels([self._fit(part, False)]))
 
     @staticmethod
@@ -463,7 +477,7 @@ class ExpandSource:
         t = self.job.tiling
         h, w = frame.shape[:2]
         big = needs_tiling(w, h, self.pixel_budget, t.max_factor, t.max_aspect) or (force and w * h > self.pixel_budget)
-        if not t.enabled or not big:
+        if not self._tiling or not big:
             return None
         tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
         return tiles if len(tiles) > 1 else None
