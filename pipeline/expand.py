@@ -430,7 +430,7 @@ class ExpandSource:
             return expand_image(data, j.image, j.limits)
         from pipeline.media.video import expand_video
 
-        return expand_video(data, j.video, j.limits)
+        return expand_video(data, j.video, j.limits, frame_size=self._frame_size)
 
     def _unit_rows(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> Iterator[dict[str, Any]]:
         """One row per unit, or one per tile when the unit is too large or too long for the slicer."""
@@ -482,6 +482,13 @@ class ExpandSource:
         tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
         return tiles if len(tiles) > 1 else None
 
+    def _frame_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size the processor uses for an upright video frame of this display size (its overview:
+        frames are never sliced), so frames are scaled once, in the decoder, to exactly that size."""
+        from pipeline.media.slicing import model_input_size
+
+        return model_input_size(self.family, width, height, video=True, **self.video_settings)
+
     def _page_size(self, width: int, height: int) -> tuple[int, int] | None:
         """The size a page of this natural render size should render at (see _fit); None: as is."""
         from pipeline.media.slicing import model_input_size
@@ -506,11 +513,26 @@ class ExpandSource:
         return np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.BICUBIC))
 
     def _fit_size(self, w: int, h: int, video: bool) -> tuple[int, int] | None:
-        """The size `_fit` resizes a w x h frame to (None: kept as it is)."""
-        from pipeline.media.slicing import model_input_size
+        """The size `_fit` resizes a w x h frame to (None: kept as it is).
+
+        An unsliced image (and every video frame) goes at its overview size: the processor's own
+        resize is then a no-op, so the pixels are resampled once, as the reference does. A sliced
+        image goes as it is: the processor makes its overview from the original and its slices from
+        a resize of the original, and handing it the refine size instead would resample the
+        overview twice. Only past 4x the budget (where shipping the original costs more than the
+        second resampling loses) is a sliced image shrunk to its refine size.
+        """
+        from pipeline.media.slicing import model_input_size, plan_image
 
         settings = self.video_settings if video else self.image_settings
         target = model_input_size(self.family, w, h, video=video, **settings)
+        if target is not None and not video and h * w <= 4 * self.pixel_budget:
+            try:
+                sliced = plan_image(self.family, w, h, **settings).grid is not None
+            except ValueError:
+                sliced = False
+            if sliced:
+                return None
         if target is None and h * w > 4 * self.pixel_budget:
             scale = (self.pixel_budget / (h * w)) ** 0.5
             target = (max(1, round(w * scale)), max(1, round(h * scale)))
