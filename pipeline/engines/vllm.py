@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
+from pipeline.models import min_image_side
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class VLLMSettings:
     supports_video: bool = True
     # Resampler code calls torch.cuda.is_current_stream_capturing(), which fails without a GPU.
     needs_stream_capture_patch: bool = False
+    # vLLM 0.32's MiniCPMV dispatcher reads LoRA tables that its 2.0 class lacks (AttributeError).
+    needs_v20_dispatch_patch: bool = False
 
 
 # Placeholders of the `minicpmv` generations (vLLM's MiniCPMVProcessingInfo patterns).
@@ -57,7 +60,8 @@ LEGACY_VIDEO_PLACEHOLDER = "(<video>./</video>)"
 #: which engines serve a family come from pipeline.models.FAMILIES (one table for every engine).
 VLLM_SETTINGS: dict[str, VLLMSettings] = {
     # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM.
-    "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
+    "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True,
+                                needs_v20_dispatch_patch=True),
     "minicpmv2_5": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
     "minicpmv2_6": VLLMSettings(native=False, needs_stream_capture_patch=True),
     "minicpmv4_0": VLLMSettings(native=False, needs_stream_capture_patch=True),
@@ -82,6 +86,7 @@ class Generation:
     supports_video: bool
     needs_stream_capture_patch: bool
     vllm_supported: bool
+    needs_v20_dispatch_patch: bool = False
     chat_format: str = "template"  # pipeline.models.FamilySpec.chat_format
     image_separator: str = "\n"  # between the image placeholders and the prompt text
     max_images: int | None = None  # the reference processor's limit per prompt (2.0: one)
@@ -102,6 +107,7 @@ def generation(family: str) -> Generation:
         use_image_id_images=spec.use_image_id_images,
         downsample_mode=spec.downsample_mode if knobs.native else None,
         supports_video=knobs.supports_video, needs_stream_capture_patch=knobs.needs_stream_capture_patch,
+        needs_v20_dispatch_patch=knobs.needs_v20_dispatch_patch,
         vllm_supported="vllm" in spec.engines, chat_format=spec.chat_format, image_separator=spec.image_separator,
         # 2.0's processor asserts at most one image per prompt (v20_processing_minicpmv.py).
         max_images=1 if spec.chat_format == "minicpm_v2" else None,
@@ -143,6 +149,19 @@ def _patch_stream_capture_on_cpu() -> None:
 
     if not torch.cuda.is_available():
         torch.cuda.is_current_stream_capturing = lambda: False  # type: ignore[assignment]
+
+
+def _patch_v20_dispatch() -> None:
+    """vLLM 0.32's `MiniCPMV.__new__` copies `packed_modules_mapping` and `embedding_modules` from
+    the class it dispatches to, and `MiniCPMV2_0` (not a LoRA model) has neither: every 2.0 load
+    stops with AttributeError. Empty tables are what a model without LoRA support means. The patch
+    is in this process: it reaches vLLM's engine core where that runs in-process (CPU) or is forked."""
+    from vllm.model_executor.models import minicpmv
+
+    cls = getattr(minicpmv, "MiniCPMV2_0", None)
+    for name in ("packed_modules_mapping", "embedding_modules"):
+        if cls is not None and not hasattr(cls, name):
+            setattr(cls, name, {})
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
@@ -211,6 +230,8 @@ class VLLMEngine(Engine):
                 dtype = "bfloat16"
         if self.gen.needs_stream_capture_patch:
             _patch_stream_capture_on_cpu()
+        if self.gen.needs_v20_dispatch_patch:
+            _patch_v20_dispatch()
 
         from vllm import LLM
 
@@ -385,6 +406,11 @@ class VLLMEngine(Engine):
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
         if request.is_video and not self.gen.supports_video:
             raise ValueError(f"{self.family} takes no video in vLLM")
+        floor = min_image_side(self.family)
+        for image in request.images:  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
+            if min(image.shape[:2]) < floor:
+                raise ValueError(f"image {image.shape[1]}x{image.shape[0]} has a side under {floor} px, "
+                                 f"the least {self.family}'s processor takes")
         if self.gen.max_images is not None and not request.is_video and len(request.images) > self.gen.max_images:
             raise ValueError(f"{self.family} takes at most {self.gen.max_images} image(s) per prompt "
                              f"(its processor's limit), got {len(request.images)}")
