@@ -152,16 +152,48 @@ def _patch_stream_capture_on_cpu() -> None:
 
 
 def _patch_v20_dispatch() -> None:
-    """vLLM 0.32's `MiniCPMV.__new__` copies `packed_modules_mapping` and `embedding_modules` from
-    the class it dispatches to, and `MiniCPMV2_0` (not a LoRA model) has neither: every 2.0 load
-    stops with AttributeError. Empty tables are what a model without LoRA support means. The patch
-    is in this process: it reaches vLLM's engine core where that runs in-process (CPU) or is forked."""
+    """Two faults that stop every MiniCPM-V 2.0 request in vLLM 0.32 (found with the real 2.0 files).
+
+    `MiniCPMV.__new__` copies `packed_modules_mapping` and `embedding_modules` from the class it
+    dispatches to, and `MiniCPMV2_0` (not a LoRA model) has neither: the load stops with
+    AttributeError; empty tables are what a model without LoRA support means. And the image sizes
+    (below). The patches are in this process: they reach vLLM's engine core where that runs
+    in-process (CPU) or is forked."""
     from vllm.model_executor.models import minicpmv
+    from vllm.transformers_utils.processors import minicpmv as processors
 
     cls = getattr(minicpmv, "MiniCPMV2_0", None)
     for name in ("packed_modules_mapping", "embedding_modules"):
         if cls is not None and not hasattr(cls, name):
             setattr(cls, name, {})
+    # vLLM's processor wants `image_sizes` per prompt ([[(w, h), ...]], as 2.5+'s image processors
+    # return it); 2.0's image processor returns one flat list [(w, h), ...], so every 2.0 image
+    # failed vLLM's `len(image_tags) == len(image_sizes[0])` check. Nest it (one prompt per call).
+    proc = processors.MiniCPMVProcessor
+    convert = proc._convert_images_texts_to_inputs
+    if getattr(convert, "_cpmv_nests_sizes", False):
+        return
+
+    def nested_sizes(self, images, texts, *args, **kwargs):
+        sizes = images.get("image_sizes") if len(images) else None
+        if sizes is not None and _flat_sizes(sizes):
+            images["image_sizes"] = [sizes]
+        return convert(self, images, texts, *args, **kwargs)
+
+    nested_sizes._cpmv_nests_sizes = True  # type: ignore[attr-defined]
+    proc._convert_images_texts_to_inputs = nested_sizes
+
+
+def _flat_sizes(sizes: Any) -> bool:
+    """Whether `sizes` is one flat list of (width, height) (tuples, (2,) tensors, or one (n, 2)
+    tensor), rather than one such list per prompt."""
+    ndim = getattr(sizes, "ndim", None)
+    if ndim is not None:
+        return ndim == 2
+    first = sizes[0] if len(sizes) else None
+    if getattr(first, "ndim", None) is not None:  # a list of (2,) tensors: what 2.0's processor returns
+        return first.ndim == 1 and len(first) == 2
+    return isinstance(first, (tuple, list)) and len(first) == 2 and all(isinstance(v, int) for v in first)
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
