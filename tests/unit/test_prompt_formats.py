@@ -66,3 +66,16 @@ def test_stop_tokens_are_the_reference_tokenizers_end_tokens():
 def test_2_5_uses_its_tokenizers_chat_template():
     assert generation("minicpmv2_5").chat_format == "template"
     assert generation("minicpmv2_0").chat_format == "minicpm_v2"
+
+
+@pytest.mark.parametrize("family,flat", [("minicpmv2_0", True), ("minicpmv2_5", False), ("minicpmv2_6", False)])
+def test_only_2_0s_image_sizes_are_nested_for_vllm(family, flat):
+    """vLLM 0.32's processor indexes `image_sizes` per prompt; the real 2.0 image processor returns
+    one flat list (the engine nests it), 2.5 and 2.6 already return one list per prompt."""
+    from PIL import Image
+
+    from pipeline.engines.vllm import _flat_sizes
+    from tests.reference import image_processor
+
+    out = image_processor(family).preprocess([Image.new("RGB", (700, 500))], return_tensors="pt")
+    assert _flat_sizes(out["image_sizes"]) is flat
