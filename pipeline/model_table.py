@@ -22,8 +22,7 @@ TESTED: dict[tuple[str, str], str] = {
     ("minicpmv4_0", "vllm"): "tiny checkpoint, vLLM CPU (tests/vllm/test_vllm_engine.py)",
     ("minicpmv2_6", "vllm"): "tiny checkpoint, vLLM CPU (tests/vllm/test_vllm_engine.py)",
     ("minicpmv2_5", "vllm"): "placeholders vs vLLM's functions (tests/vllm/test_reference_vllm.py)",
-    ("minicpmv2_0", "vllm"): "prompt + placeholders vs reference (tests/unit/test_prompt_formats.py, "
-                             "tests/vllm/test_reference_vllm.py)",
+    ("minicpmv2_0", "vllm"): "tiny checkpoint with the real 2.0 processor, vLLM CPU (tests/vllm/test_v20_vllm.py)",
     ("minicpmv4_6", "openai"): "local HTTP server (tests/engines/test_openai_engine.py)",
     ("minicpmv4_5", "openai"): "local HTTP server (tests/engines/test_openai_engine.py)",
 }
