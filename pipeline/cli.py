@@ -163,6 +163,13 @@ def _flags_anywhere(parser: argparse.ArgumentParser) -> None:
                 _flags_anywhere(sp)
 
 
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from pipeline.model_table import render
+
+    sys.stdout.write(render(args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpmv", description="MiniCPM-V batch pipeline on Ray Data",
                                 epilog="exit statuses: 0 ok, 1 run failed, 2 usage/job error, 3 inputs not "
@@ -211,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     sch.set_defaults(func=_cmd_schema)
 
     models = sub.add_parser("models", help="model utilities")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command")
+    models.set_defaults(func=_cmd_models_list, format="text")
+    mlist = msub.add_parser("list", help="which engines serve each generation (the default)")
+    mlist.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    mlist.set_defaults(func=_cmd_models_list)
     tiny = msub.add_parser("tiny", help="build a tiny random checkpoint of a real architecture, offline")
     tiny.add_argument("--family", required=True,
                       choices=["minicpmv4_6", "minicpmv4_7", "minicpm_ocr", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5"],

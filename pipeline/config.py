@@ -20,6 +20,7 @@ TaskName = Literal["ocr", "table", "caption", "video_caption"]
 FamilyName = Literal[
     "auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
     "minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5",
+    "minicpmv1_0", "omnilmm_12b",
 ]
 
 
@@ -196,7 +197,10 @@ class VideoConfig(_Model):
         16, ge=1, description="Most frames per clip; sampling is uniform when capped. With stack_frames: most main "
         "frames per clip (4.6's max_num_frames; sub-frames up to stack_frames-1 times as many)."
     )
-    max_side: int = Field(448, ge=28, description="Longest side of a sampled frame, in pixels (resized on CPU).")
+    max_side: int | None = Field(
+        None, ge=28, description="Longest side of a sampled frame, in pixels (resized on CPU). Unset: frames go at "
+        "the size the model's processor uses for them (e.g. 602x336 for a 1920x1080 frame on 2.6-4.5), never below."
+    )
     stack_frames: int = Field(
         1, ge=1, le=8,
         description="MiniCPM-V 4.6 / MiniCPM-OCR 1.0 only (transformers engine): sample each clip as 4.6 does with "

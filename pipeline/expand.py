@@ -209,6 +209,10 @@ class ExpandSource:
         self.job = job
         self.pixel_budget = pixel_budget
         self.task_kinds = task_kinds  # task name -> unit kinds it applies to
+        from pipeline.tasks import TILING_TASKS
+
+        # Only reading tasks (OCR, tables) are ever tiled; a job of captions renders and sends whole images.
+        self._tiling = job.tiling.enabled and any(t in TILING_TASKS for t in task_kinds)
         self.family = family
         # The processor settings the engine will use for images (None: the family's default).
         m = job.model
@@ -381,7 +385,7 @@ class ExpandSource:
             return None if rec is None else guard.skip_unit(rec, "page", ends_source=False)
 
         j = self.job
-        tile_dpi = j.tiling.min_page_dpi if j.tiling.enabled else None
+        tile_dpi = j.tiling.min_page_dpi if self._tiling else None
         groups = plan_pdf(data, j.pdf, j.limits, self.pixel_budget, tile_min_dpi=tile_dpi,
                           tile_min_area=j.tiling.min_page_area, fit=self._page_size, on_page=on_page,
                           filetype=None if media_type == "document" else "pdf")
@@ -442,7 +446,7 @@ class ExpandSource:
             return expand_image(data, j.image, j.limits)
         from pipeline.media.video import expand_video
 
-        return expand_video(data, j.video, j.limits)
+        return expand_video(data, j.video, j.limits, frame_size=self._frame_size)
 
     def _unit_rows(self, src: dict[str, Any], media_type: str, unit: MediaUnit, ms: float) -> Iterator[dict[str, Any]]:
         """One row per unit, or one per tile when the unit is too large or too long for the slicer."""
@@ -457,9 +461,19 @@ class ExpandSource:
             yield _source_row(src, media_type, **base, **self._pixels(frames))
             return
         from pipeline.media.tiling import cut
+        from pipeline.tasks import TILING_TASKS
 
+        reading = [t for t in src["tasks"] if t in TILING_TASKS]
+        whole = [t for t in src["tasks"] if t not in TILING_TASKS]
+        if whole or not reading:
+            # Captions see the whole picture: one untiled row (the overview, fit to the budget) for
+            # the tasks that are never tiled, next to the tiles of the reading tasks.
+            yield _source_row(src, media_type, **base, tasks=whole or list(src["tasks"]),
+                              **self._pixels([self._fit(unit.frames[0], False)]))
+        if not reading:
+            return
         for tile, part in zip(tiles, cut(unit.frames[0], tiles)):
-            yield _source_row(src, media_type, **base, tile_index=tile.index, num_tiles=len(tiles),
+            yield _source_row(src, media_type, **base, tasks=reading, tile_index=tile.index, num_tiles=len(tiles),
                               **self._pixels([self._fit(part, False)]))
 
     @staticmethod
@@ -479,10 +493,17 @@ class ExpandSource:
         t = self.job.tiling
         h, w = frame.shape[:2]
         big = needs_tiling(w, h, self.pixel_budget, t.max_factor, t.max_aspect) or (force and w * h > self.pixel_budget)
-        if not t.enabled or not big:
+        if not self._tiling or not big:
             return None
         tiles = plan_tiles(w, h, self.pixel_budget, t.overlap, t.max_tiles)
         return tiles if len(tiles) > 1 else None
+
+    def _frame_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The size the processor uses for an upright video frame of this display size (its overview:
+        frames are never sliced), so frames are scaled once, in the decoder, to exactly that size."""
+        from pipeline.media.slicing import model_input_size
+
+        return model_input_size(self.family, width, height, video=True, **self.video_settings)
 
     def _page_size(self, width: int, height: int) -> tuple[int, int] | None:
         """The size a page of this natural render size should render at (see _fit); None: as is."""
@@ -508,11 +529,26 @@ class ExpandSource:
         return np.asarray(Image.fromarray(frame).resize(target, Image.Resampling.BICUBIC))
 
     def _fit_size(self, w: int, h: int, video: bool) -> tuple[int, int] | None:
-        """The size `_fit` resizes a w x h frame to (None: kept as it is)."""
-        from pipeline.media.slicing import model_input_size
+        """The size `_fit` resizes a w x h frame to (None: kept as it is).
+
+        An unsliced image (and every video frame) goes at its overview size: the processor's own
+        resize is then a no-op, so the pixels are resampled once, as the reference does. A sliced
+        image goes as it is: the processor makes its overview from the original and its slices from
+        a resize of the original, and handing it the refine size instead would resample the
+        overview twice. Only past 4x the budget (where shipping the original costs more than the
+        second resampling loses) is a sliced image shrunk to its refine size.
+        """
+        from pipeline.media.slicing import model_input_size, plan_image
 
         settings = self.video_settings if video else self.image_settings
         target = model_input_size(self.family, w, h, video=video, **settings)
+        if target is not None and not video and h * w <= 4 * self.pixel_budget:
+            try:
+                sliced = plan_image(self.family, w, h, **settings).grid is not None
+            except ValueError:
+                sliced = False
+            if sliced:
+                return None
         if target is None and h * w > 4 * self.pixel_budget:
             scale = (self.pixel_budget / (h * w)) ** 0.5
             target = (max(1, round(w * scale)), max(1, round(h * scale)))

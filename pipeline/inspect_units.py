@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, InputConfig, JobConfig, load_job, load_job_data
+from pipeline import models
 from pipeline.media import slicing
 
 DEFAULT_FAMILY = "minicpmv4_6"
@@ -156,9 +157,13 @@ def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
         visual, placeholder = clip.visual_tokens, clip.placeholder_tokens
         extra = {"visual_tokens_per_frame": frame.visual_tokens}
     else:
-        # Each page/image is the only image of its prompt (image id 0), with the job's model options.
+        # Each page/image is the only image of its prompt (image id 0), with the job's model options;
+        # vLLM (offline or served) writes the id of 2.0-4.5 images by its own rule, whatever they say.
+        use_id = m.use_image_id if spec.image_ids else None
+        if job.engine.kind != "transformers" and family in models.FAMILIES:
+            use_id = models.vllm_placeholder_image_id(family, use_id) if spec.image_ids else None
         frame = slicing.plan_image(family, w, h, max_slice_nums=m.max_slice_nums, downsample_mode=mode,
-                                   use_image_id=m.use_image_id if spec.image_ids else None)
+                                   use_image_id=use_id)
         visual, placeholder = frame.visual_tokens, frame.placeholder_tokens
         extra = {}
     return {

@@ -59,6 +59,11 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+#: Tasks that read small print and so may run on tiles of an oversized image. A caption describes the
+#: whole picture: it always gets the whole image (fit to the budget), never tiles.
+TILING_TASKS = frozenset({"ocr", "table"})
+
+
 HINT_TEMPLATE = (
     "\n\nThe page's embedded text layer follows; it may be incomplete, out of order or wrong, so use it only "
     "as a hint and trust the image:\n<text_layer>\n{text}\n</text_layer>"

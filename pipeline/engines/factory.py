@@ -69,6 +69,8 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
     installed = installed or vllm_installed
 
     spec = get_family(family)
+    if not spec.engines:
+        raise ConfigError(f"model: no engine serves {spec.display} yet: {spec.note}")
     if kind == "auto":
         if cluster_gpus > 0 and "vllm" in spec.engines and installed():
             kind = "vllm"
@@ -91,8 +93,12 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
 def check_job(job: JobConfig, family: str, kind: str) -> None:
     """Job settings that only some generations or engines serve, checked once the engine is known."""
     from pipeline.media.stacking import STACK_FAMILIES
-    from pipeline.models import get_family
+    from pipeline.models import check_use_image_id, get_family
 
+    try:
+        check_use_image_id(family, kind, job.model.use_image_id)
+    except ValueError as err:
+        raise ConfigError(f"engine.kind {kind}: {err}") from None
     if job.video.stack_frames > 1:
         if family not in STACK_FAMILIES:
             raise ConfigError(

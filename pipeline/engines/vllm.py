@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.engines.base import Engine, Reply, Request, check_visuals, error_reply
+from pipeline.models import min_image_side
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class VLLMSettings:
     supports_video: bool = True
     # Resampler code calls torch.cuda.is_current_stream_capturing(), which fails without a GPU.
     needs_stream_capture_patch: bool = False
+    # vLLM 0.32's MiniCPMV dispatcher reads LoRA tables that its 2.0 class lacks (AttributeError).
+    needs_v20_dispatch_patch: bool = False
 
 
 # Placeholders of the `minicpmv` generations (vLLM's MiniCPMVProcessingInfo patterns).
@@ -57,7 +60,8 @@ LEGACY_VIDEO_PLACEHOLDER = "(<video>./</video>)"
 #: which engines serve a family come from pipeline.models.FAMILIES (one table for every engine).
 VLLM_SETTINGS: dict[str, VLLMSettings] = {
     # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM.
-    "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
+    "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True,
+                                needs_v20_dispatch_patch=True),
     "minicpmv2_5": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
     "minicpmv2_6": VLLMSettings(native=False, needs_stream_capture_patch=True),
     "minicpmv4_0": VLLMSettings(native=False, needs_stream_capture_patch=True),
@@ -82,6 +86,10 @@ class Generation:
     supports_video: bool
     needs_stream_capture_patch: bool
     vllm_supported: bool
+    needs_v20_dispatch_patch: bool = False
+    chat_format: str = "template"  # pipeline.models.FamilySpec.chat_format
+    image_separator: str = "\n"  # between the image placeholders and the prompt text
+    max_images: int | None = None  # the reference processor's limit per prompt (2.0: one)
 
 
 def generation(family: str) -> Generation:
@@ -99,7 +107,39 @@ def generation(family: str) -> Generation:
         use_image_id_images=spec.use_image_id_images,
         downsample_mode=spec.downsample_mode if knobs.native else None,
         supports_video=knobs.supports_video, needs_stream_capture_patch=knobs.needs_stream_capture_patch,
-        vllm_supported="vllm" in spec.engines,
+        needs_v20_dispatch_patch=knobs.needs_v20_dispatch_patch,
+        vllm_supported="vllm" in spec.engines, chat_format=spec.chat_format, image_separator=spec.image_separator,
+        # 2.0's processor asserts at most one image per prompt (v20_processing_minicpmv.py).
+        max_images=1 if spec.chat_format == "minicpm_v2" else None,
+    )
+
+
+#: MiniCPM-V 1.0/2.0 turns (their tokenizer's own `apply_chat_template`, v20_tokenization_minicpmv.py):
+#: `<用户>` + user text + `<AI>`; the tokenizer adds `<s>` when the prompt is encoded.
+MINICPM_V2_USER, MINICPM_V2_AI = "<用户>", "<AI>"
+
+
+def legacy_user_content(gen: Generation, n_items: int, prompt: str, token: str = LEGACY_IMAGE_PLACEHOLDER) -> str:
+    """The user text of a 2.0-4.5 prompt: one `token` per image (or clip), then the prompt.
+
+    2.0's placeholder ends with "\\n" (its tokenizer's `apply_chat_template` puts the image right
+    before the text); 2.5+ placeholders do not, so a "\\n" separates them (vLLM's own examples).
+    """
+    return "".join(token + gen.image_separator for _ in range(n_items)) + prompt
+
+
+def render_user_turn(gen: Generation, content: Any, tokenizer: Any) -> str:
+    """The prompt text of one user turn and the start of the reply, as the family's reference builds it.
+
+    `content` is a string (the legacy generations: placeholders + text) or a list of content items
+    (native chat templates). 1.0/2.0 have no chat template: their tokenizer's `apply_chat_template`
+    takes (conversation, add_image_msg) and writes `<用户>...<AI>`, so calling it the ChatML way raises
+    TypeError; this writes the same text.
+    """
+    if gen.chat_format == "minicpm_v2":
+        return MINICPM_V2_USER + content + MINICPM_V2_AI
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=False
     )
 
 
@@ -109,6 +149,51 @@ def _patch_stream_capture_on_cpu() -> None:
 
     if not torch.cuda.is_available():
         torch.cuda.is_current_stream_capturing = lambda: False  # type: ignore[assignment]
+
+
+def _patch_v20_dispatch() -> None:
+    """Two faults that stop every MiniCPM-V 2.0 request in vLLM 0.32 (found with the real 2.0 files).
+
+    `MiniCPMV.__new__` copies `packed_modules_mapping` and `embedding_modules` from the class it
+    dispatches to, and `MiniCPMV2_0` (not a LoRA model) has neither: the load stops with
+    AttributeError; empty tables are what a model without LoRA support means. And the image sizes
+    (below). The patches are in this process: they reach vLLM's engine core where that runs
+    in-process (CPU) or is forked."""
+    from vllm.model_executor.models import minicpmv
+    from vllm.transformers_utils.processors import minicpmv as processors
+
+    cls = getattr(minicpmv, "MiniCPMV2_0", None)
+    for name in ("packed_modules_mapping", "embedding_modules"):
+        if cls is not None and not hasattr(cls, name):
+            setattr(cls, name, {})
+    # vLLM's processor wants `image_sizes` per prompt ([[(w, h), ...]], as 2.5+'s image processors
+    # return it); 2.0's image processor returns one flat list [(w, h), ...], so every 2.0 image
+    # failed vLLM's `len(image_tags) == len(image_sizes[0])` check. Nest it (one prompt per call).
+    proc = processors.MiniCPMVProcessor
+    convert = proc._convert_images_texts_to_inputs
+    if getattr(convert, "_cpmv_nests_sizes", False):
+        return
+
+    def nested_sizes(self, images, texts, *args, **kwargs):
+        sizes = images.get("image_sizes") if len(images) else None
+        if sizes is not None and _flat_sizes(sizes):
+            images["image_sizes"] = [sizes]
+        return convert(self, images, texts, *args, **kwargs)
+
+    nested_sizes._cpmv_nests_sizes = True  # type: ignore[attr-defined]
+    proc._convert_images_texts_to_inputs = nested_sizes
+
+
+def _flat_sizes(sizes: Any) -> bool:
+    """Whether `sizes` is one flat list of (width, height) (tuples, (2,) tensors, or one (n, 2)
+    tensor), rather than one such list per prompt."""
+    ndim = getattr(sizes, "ndim", None)
+    if ndim is not None:
+        return ndim == 2
+    first = sizes[0] if len(sizes) else None
+    if getattr(first, "ndim", None) is not None:  # a list of (2,) tensors: what 2.0's processor returns
+        return first.ndim == 1 and len(first) == 2
+    return isinstance(first, (tuple, list)) and len(first) == 2 and all(isinstance(v, int) for v in first)
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
@@ -151,11 +236,12 @@ class VLLMEngine(Engine):
         KV cache to `cpu_kvcache_space_gib` (vLLM would otherwise take most of the RAM) and uses
         bfloat16 for dtype "auto" (vLLM's CPU kernels for the 4.6+ backbone require it).
         """
-        from pipeline.models import detect_family
+        from pipeline.models import check_use_image_id, detect_family
 
         self.model_dir = str(model_dir)
         self.family = family or detect_family(model_dir)
         self.gen = generation(self.family)
+        check_use_image_id(self.family, "vllm", use_image_id)
         if not self.gen.vllm_supported:
             raise ValueError(f"{self.family} has no vLLM model in this vLLM version; use engine: transformers")
         if not self.gen.native and not trust_remote_code:
@@ -176,6 +262,8 @@ class VLLMEngine(Engine):
                 dtype = "bfloat16"
         if self.gen.needs_stream_capture_patch:
             _patch_stream_capture_on_cpu()
+        if self.gen.needs_v20_dispatch_patch:
+            _patch_v20_dispatch()
 
         from vllm import LLM
 
@@ -231,6 +319,8 @@ class VLLMEngine(Engine):
             self._image_token, self._video_token = LEGACY_IMAGE_PLACEHOLDER, LEGACY_VIDEO_PLACEHOLDER
         # A prompt that spells a placeholder or chat marker would shift or break the visual tokens.
         self._reserved = [self._image_token, self._video_token, "<|im_start|>", "<|im_end|>"]
+        if self.gen.chat_format == "minicpm_v2":
+            self._reserved += [MINICPM_V2_USER, MINICPM_V2_AI]
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -285,9 +375,7 @@ class VLLMEngine(Engine):
     def count_text_tokens(self, text: str) -> int | None:
         """Tokens of `text` as a text-only user turn rendered by the chat template (visual tokens
         of the placeholders the engine adds are counted by the guard from the slicing plan)."""
-        rendered = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
+        rendered = render_user_turn(self.gen, text, self.tokenizer)
         return len(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def model_info(self) -> dict[str, str]:
@@ -350,6 +438,14 @@ class VLLMEngine(Engine):
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
         if request.is_video and not self.gen.supports_video:
             raise ValueError(f"{self.family} takes no video in vLLM")
+        floor = min_image_side(self.family)
+        for image in request.images:  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
+            if min(image.shape[:2]) < floor:
+                raise ValueError(f"image {image.shape[1]}x{image.shape[0]} has a side under {floor} px, "
+                                 f"the least {self.family}'s processor takes")
+        if self.gen.max_images is not None and not request.is_video and len(request.images) > self.gen.max_images:
+            raise ValueError(f"{self.family} takes at most {self.gen.max_images} image(s) per prompt "
+                             f"(its processor's limit), got {len(request.images)}")
         if request.is_video and len(request.images) > self.max_frames_per_video:
             raise ValueError(f"{len(request.images)} frames > max_frames_per_video={self.max_frames_per_video}")
         options = self._options(request)
@@ -359,10 +455,8 @@ class VLLMEngine(Engine):
             kind = "video" if request.is_video else "image"
             content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
         else:
-            content = "".join(token + "\n" for _ in range(n_items)) + request.prompt
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-        )
+            content = legacy_user_content(self.gen, n_items, request.prompt, token)
+        text = render_user_turn(self.gen, content, self.tokenizer)
         # Guard against a template that drops visual items: the images would be silently lost.
         if text.count(token) != n_items:
             raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")

@@ -16,12 +16,13 @@ same tie-breaking), because rounding at the boundaries decides the grid:
   `downsample_mode` 16x, 28 for 4x) and each overview/slice costs `(h/14) * (w/14) // divisor` tokens
   (divisor 16 or 4): the count varies with the size. Grids come out as `[rows, cols]`, and an exact tie
   in aspect error prefers more rows.
+* **MiniCPM-V 1.0**: one 448x448 image of 64 tokens, never sliced (layout "fixed").
 * **vLLM `minicpmv` (2.0, 2.5, 2.6, 4.0, 4.5)**: vLLM builds the placeholder with the checkpoint's
   remote-code `MiniCPMVImageProcessor.get_slice_image_placeholder` and counts `<unk>` tokens as
   visual. Sizes are rounded to multiples of `patch_size` (14) and every overview/slice costs a fixed
   `query_num` (the resampler's queries). Grids are `[cols, rows]` and the first candidate with the
   smallest error wins. 2.0/2.5 wrap all slices in one `<slice>...</slice>` with `<image>` around each
-  slice and end with "\\n"; 2.6+ wrap each slice in `<slice>...</slice>` and prefix `<image_id>N</image_id>`.
+  slice, and 2.0's (not 2.5's) ends with "\\n"; 2.6+ wrap each slice in `<slice>...</slice>` and prefix `<image_id>N</image_id>`.
 
 `placeholder_tokens` counts every marker token (`<image>`, `</image>`, `<slice>`, `</slice>`,
 `<image_id>`, `</image_id>`) and each "\\n" as one token and each digit of an image id as one token
@@ -65,6 +66,9 @@ class SliceSpec:
     video: bool = False  # the generation accepts video
     layout: str = "native"  # native | uhd_v2 (2.0/2.5) | uhd_v26 (2.6/4.0/4.5)
     small_image_upsize: bool = False  # MiniCPM-OCR's option for unsliced images
+    # uhd_v2: 2.0's processor ends its placeholder with "\n", 2.5's does not (`get_slice_image_placeholder`
+    # in v20_/v25_image_processing_minicpmv.py).
+    trailing_newline: bool = False
 
 
 def _native_specs() -> list[SliceSpec]:
@@ -106,7 +110,10 @@ def _native_specs() -> list[SliceSpec]:
 # remote-code processor (slice layout, image ids), `query_num` per version from the checkpoints'
 # configs as mirrored by llama.cpp `clip.cpp` (2.5: 96; 2.6, 4.0, 4.5: 64).
 _VLLM_SPECS = [
-    SliceSpec("minicpmv2_0", "MiniCPM-V 2.0", native=False, query_num=64, layout="uhd_v2"),
+    # 1.0's modeling code resizes every image to 448x448 (64 query tokens) and never slices.
+    SliceSpec("minicpmv1_0", "MiniCPM-V 1.0", native=False, query_num=64, layout="fixed",
+              image_max_slice_nums=1, processor_max_slice_nums=1),
+    SliceSpec("minicpmv2_0", "MiniCPM-V 2.0", native=False, query_num=64, layout="uhd_v2", trailing_newline=True),
     SliceSpec("minicpmv2_5", "MiniCPM-Llama3-V 2.5", native=False, query_num=96, layout="uhd_v2"),
     *(
         SliceSpec(name, display, native=False, query_num=64, layout="uhd_v26", image_ids=True,
@@ -413,6 +420,8 @@ def _plan_uhd(spec: SliceSpec, width: int, height: int, slices: int, scale: int,
     q = spec.query_num
     assert q is not None
     patch = spec.patch_size
+    if spec.layout == "fixed":  # <image> <unk>*q </image>, always a scale x scale square
+        return SlicePlan(None, (scale, scale), [], q, q + 2)
     if not slice_mode:
         if spec.layout == "uhd_v2":
             raise ValueError(f"{spec.display}'s processor has no slice_mode switch")
@@ -432,10 +441,10 @@ def _plan_uhd(spec: SliceSpec, width: int, height: int, slices: int, scale: int,
     visual = (n + 1) * q
     placeholder = id_tokens + q + 2  # [<image_id>N</image_id>] <image> <unk>*q </image>
     if spec.layout == "uhd_v2":
-        # <slice> rows of (<image> <unk>*q </image>)*cols joined by "\n" </slice>, then a final "\n"
+        # <slice> rows of (<image> <unk>*q </image>)*cols joined by "\n" </slice>, then (2.0 only) "\n"
         if n:
             placeholder += 2 + n * (q + 2) + (rows - 1)
-        placeholder += 1
+        placeholder += 1 if spec.trailing_newline else 0
     elif n:
         # rows of (<slice> <unk>*q </slice>)*cols joined by "\n"
         placeholder += n * (q + 2) + (rows - 1)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import io
 import math
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import av
@@ -72,8 +72,18 @@ class ClipPlan:
     order: list[int] | None = None
 
 
-def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig) -> Iterator[MediaUnit]:
+#: (width, height) of an upright frame -> the size the model's processor uses for it (None: as is).
+FrameSize = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig,
+                 frame_size: FrameSize | None = None) -> Iterator[MediaUnit]:
     """Yield one "clip" unit per cfg.clip_seconds of video, each with its sampled frames and their times.
+
+    `frame_size(width, height)` gives the size the model's processor uses for an upright frame of
+    that display size (None: keep it); frames are scaled to it in the decoder's one swscale pass, so
+    they reach the engine at exactly the processor's size, resampled once. `cfg.max_side`, when set,
+    caps the longest side before that.
 
     Raises MediaError: "empty_file", "file_too_large", "no_video_stream" (audio, with or without cover
     art), "video_decode_failed" (not a video, nothing decodable), "video_too_long", "video_too_large" (frame size over limits.max_pixels).
@@ -100,7 +110,7 @@ def expand_video(data: bytes, cfg: VideoConfig, limits: LimitsConfig) -> Iterato
         keyframes = None
         if sparse_sampling(plans, _rate(stream)):
             keyframes = (scan or scan_packets(data)).keyframes
-        yield from _decode_clips(container, stream, plans, cfg, keyframes)
+        yield from _decode_clips(container, stream, plans, cfg, keyframes, frame_size)
     finally:
         container.close()
 
@@ -265,10 +275,11 @@ def _decode_clips(
     plans: list[ClipPlan],
     cfg: VideoConfig,
     keyframes: list[tuple[float, int]] | None = None,
+    frame_size: FrameSize | None = None,
 ) -> Iterator[MediaUnit]:
     """One forward pass over the decoded frames, jumping ahead to keyframes where that skips enough
     frames (`keyframes` given); yields each clip's unit once decoding has passed its end."""
-    sampler = _Sampler(plans, cfg.max_side, _sar(stream))
+    sampler = _Sampler(plans, cfg.max_side, _sar(stream), frame_size)
     origin = _start_time(stream)
     rate = _rate(stream)
     seeker = _Seeker(keyframes, SEEK_MIN_SKIP_FRAMES / rate) if keyframes else None
@@ -338,9 +349,10 @@ class _Seeker:
 class _Sampler:
     """Matches decoded frames to target times; keeps only the previous frame, converts only chosen ones."""
 
-    def __init__(self, plans: list[ClipPlan], max_side: int, sar: float):
+    def __init__(self, plans: list[ClipPlan], max_side: int | None, sar: float, frame_size: FrameSize | None = None):
         self.plans = plans
         self.max_side = max_side
+        self.frame_size = frame_size
         self.sar = sar
         self.clip = 0  # index into plans of the clip being filled
         self.target = 0  # index into that clip's targets
@@ -428,8 +440,15 @@ class _Sampler:
     def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
         """Resize during the pixel-format conversion (one swscale pass), then apply the display matrix."""
         width, height = display_size(frame.width, frame.height, self.sar, self.max_side)
-        array = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
         ops = display_ops(display_matrix(frame))
+        swaps = any(op in _AXIS_SWAPS for op in ops)  # the upright frame is the decoded one turned
+        if self.frame_size is not None:
+            # The processor sees the upright frame: ask for its size, then resize before the display ops.
+            upright = (height, width) if swaps else (width, height)
+            target = self.frame_size(*upright)
+            if target is not None and target[0] * target[1] < width * height:  # never upscale on the CPU
+                width, height = (target[1], target[0]) if swaps else target
+        array = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA")
         if ops:
             self.rotated = True
             array = apply_display_ops(array, ops)
@@ -470,6 +489,10 @@ def display_ops(matrix: tuple[int, ...] | None) -> tuple[str, ...]:
     if abs(theta) < 1 and m[4] < 0:
         return ("vflip",)
     return ()
+
+
+# The `transpose` filter's directions exchange width and height; flips do not.
+_AXIS_SWAPS = frozenset({"transpose", "clock", "cclock", "clock_flip"})
 
 
 def apply_display_ops(array: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
@@ -539,13 +562,14 @@ def _concat_frames(group: list[np.ndarray]) -> np.ndarray:
     return canvas
 
 
-def display_size(width: int, height: int, sar: float, max_side: int) -> tuple[int, int]:
-    """Size to scale a stored frame to: square pixels (sample aspect applied), longest side <= max_side.
+def display_size(width: int, height: int, sar: float, max_side: int | None) -> tuple[int, int]:
+    """Size to scale a stored frame to: square pixels (sample aspect applied), longest side <= max_side
+    (None: no bound).
 
     Never upscales. A display rotation applied afterwards only swaps the axes, so the bound still holds.
     """
     display_w = width * sar
-    scale = min(1.0, max_side / max(display_w, height))
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(display_w, height))
     return max(1, round(display_w * scale)), max(1, round(height * scale))
 
 

@@ -24,10 +24,13 @@ def _checkpoint(tmp_path: Path, config: object, name: str = "ckpt") -> Path:
 
 NATIVE = {"minicpmv4_6", "minicpmv4_7", "minicpm_ocr"}
 LEGACY = {"minicpmv2_0": None, "minicpmv2_5": "2.5", "minicpmv2_6": "2.6", "minicpmv4_0": "4.0", "minicpmv4_5": "4.5"}
+UNSERVED = {"minicpmv1_0", "omnilmm_12b"}  # detected, but no engine serves them yet
 
 
 def test_registry_has_the_native_and_the_minicpmv_generations() -> None:
-    assert set(FAMILIES) == NATIVE | set(LEGACY)
+    assert set(FAMILIES) == NATIVE | set(LEGACY) | UNSERVED
+    for name in UNSERVED:
+        assert FAMILIES[name].engines == () and FAMILIES[name].note
     for name in LEGACY:
         spec = FAMILIES[name]
         assert not spec.native_transformers and spec.hf_model_type == "minicpmv" and spec.version == LEGACY[name]
@@ -62,7 +65,9 @@ def test_detect_family_reads_minicpmv_version(tmp_path: Path, family: str) -> No
     config = {"model_type": "minicpmv", "architectures": ["MiniCPMV"], "version": LEGACY[family]}
     if LEGACY[family] is None:  # 2.0's config has no version: vLLM tells it by its MiniCPM-2B sizes
         config.update(hidden_size=2304, query_num=64)
-    assert detect_family(_checkpoint(tmp_path, config)) == family
+    model_dir = _checkpoint(tmp_path, config)
+    (model_dir / "preprocessor_config.json").write_text("{}")  # every 2.0-4.5 checkpoint ships one
+    assert detect_family(model_dir) == family
 
 
 def test_detect_family_unknown_type_lists_supported(tmp_path: Path) -> None:
@@ -70,7 +75,7 @@ def test_detect_family_unknown_type_lists_supported(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         detect_family(model_dir)
     message = str(err.value)
-    assert "'llava'" in message and "minicpmv (2.0-4.5)" in message
+    assert "'llava'" in message and "minicpmv (1.0-4.5)" in message and "omnilmm" in message
     for name in NATIVE:
         assert FAMILIES[name].hf_model_type in message
     with pytest.raises(ValueError, match="unsupported MiniCPM-V version '9.9'"):
@@ -157,3 +162,72 @@ def test_tiny_build_refuses_an_older_transformers_before_writing(tmp_path: Path,
     with pytest.raises(RuntimeError, match="MiniCPM-V 4.7 needs transformers >= 5.18"):
         build_tiny("minicpmv4_7", tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_use_image_id_that_vllm_would_not_apply_is_refused() -> None:
+    """vLLM 0.32 tags every 2.6/4.0/4.5 image with <image_id>N</image_id> and never 2.0/2.5 images."""
+    from pipeline.models import check_use_image_id, vllm_placeholder_image_id
+
+    for family in ("minicpmv2_6", "minicpmv4_0", "minicpmv4_5"):
+        for engine in ("vllm", "openai"):
+            with pytest.raises(ValueError, match="use_image_id=false.*always writes.*remove model.use_image_id"):
+                check_use_image_id(family, engine, False)
+            check_use_image_id(family, engine, True)
+            check_use_image_id(family, engine, None)
+        assert vllm_placeholder_image_id(family, False) is True
+    for family in ("minicpmv2_0", "minicpmv2_5"):
+        with pytest.raises(ValueError, match="never writes"):
+            check_use_image_id(family, "vllm", True)
+        check_use_image_id(family, "vllm", False)
+        assert vllm_placeholder_image_id(family, None) is False
+    for family in ("minicpmv4_6", "minicpm_ocr"):  # native processors honour the option
+        check_use_image_id(family, "vllm", False)
+        assert vllm_placeholder_image_id(family, False) is False
+
+
+def test_check_job_refuses_use_image_id_false_for_vllm_2_6() -> None:
+    from pipeline.config import ConfigError, load_job_data
+    from pipeline.engines.factory import check_job
+
+    job = load_job_data({"input": {"uris": ["/tmp/x.png"]}, "output": {"uri": "o"}, "model": {"use_image_id": False}})
+    with pytest.raises(ConfigError, match="engine.kind vllm: model.use_image_id=false"):
+        check_job(job, "minicpmv2_6", "vllm")
+    check_job(job, "minicpmv4_6", "vllm")
+
+
+@pytest.mark.parametrize("family", sorted(UNSERVED))
+def test_unserved_families_fail_fast_with_the_reason(family: str) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.engines.factory import resolve_kind
+
+    for kind in ("auto", "vllm", "transformers"):
+        with pytest.raises(ConfigError, match=f"no engine serves {FAMILIES[family].display}"):
+            resolve_kind(kind, family)
+
+
+def test_detection_per_generation_from_the_reference_checkpoint_files(tmp_path: Path) -> None:
+    """The real 2.0 and 2.5 config.json files; 1.0 is 2.0's config without an image processor
+    config (the README's facts: 1.0 has no preprocessor_config.json, vLLM cannot load it)."""
+    from tests.reference import reference_dir
+
+    ref = reference_dir()
+    for family, prefix in (("minicpmv2_0", "v20"), ("minicpmv2_5", "v25")):
+        model_dir = tmp_path / family
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text((ref / f"{prefix}_config.json").read_text())
+        (model_dir / "preprocessor_config.json").write_text((ref / f"{prefix}_preprocessor_config.json").read_text())
+        assert detect_family(model_dir) == family
+    one = tmp_path / "one"
+    one.mkdir()
+    config = json.loads((ref / "v20_config.json").read_text())
+    config["_name_or_path"] = "openbmb/MiniCPM-V"
+    (one / "config.json").write_text(json.dumps(config))
+    assert detect_family(one) == "minicpmv1_0"
+    from pipeline.models import family_from_config
+
+    assert family_from_config(config) == "minicpmv1_0"  # config only: its hub name tells
+    config["_name_or_path"] = "somewhere/else"
+    assert family_from_config(config, files=["config.json"]) == "minicpmv1_0"
+    assert family_from_config(config, files=["config.json", "preprocessor_config.json"]) == "minicpmv2_0"
+    omni = _checkpoint(tmp_path, {"model_type": "omnilmm", "architectures": ["OmniLMMForCausalLM"]}, name="omni")
+    assert detect_family(omni) == "omnilmm_12b"
