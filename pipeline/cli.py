@@ -18,7 +18,8 @@ def _interrupted_at_start(signum: int, frame: object) -> None:
 # `cpmv` program: a process that imports this module (tests, notebooks) keeps its own handler.
 # It stays until a command installs its own (`cpmv run`: pipeline/stop.py), so no KeyboardInterrupt
 # ever lands inside a lazy import; commands without one end at once, as there is nothing to publish.
-if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cpmv":
+_AS_PROGRAM = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "cpmv"
+if _AS_PROGRAM:
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import argparse  # noqa: E402 - after the handler above
@@ -255,13 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cpmv` console script; the exit statuses are listed in pipeline/exits.py."""
-    from pipeline import exits, logsafe
+    from pipeline import logsafe
 
     parser = build_parser()
     _flags_anywhere(parser)
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logsafe.configure(logging.DEBUG if args.verbose or args.debug else logging.WARNING if quiet else logging.INFO)
+    try:
+        return _dispatch(args)
+    finally:
+        if _AS_PROGRAM:
+            # The command is over and its status decided: a Ctrl-C from here on must not change it.
+            # Python resets handlers that are Python functions to SIG_DFL while it finalises, so a
+            # late SIGINT killed the process (status -2) after its one-line message; SIG_IGN is kept.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; every error that reaches here becomes one `cpmv: ...` line and its status."""
+    from pipeline import exits
+
     try:
         return args.func(args)
     except BrokenPipeError:  # `cpmv inspect ... | head`: the reader is gone, nothing more to say
