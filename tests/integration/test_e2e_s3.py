@@ -143,7 +143,7 @@ def test_bad_inputs_are_explained_rows(e2e):
 
 def test_provenance_columns(e2e):
     t = _results(e2e)
-    record_files = e2e["fs"].find(f"{e2e['bucket']}/out/_runs/")
+    record_files = [p for p in e2e["fs"].find(f"{e2e['bucket']}/out/_runs/") if p.endswith(".json")]
     first_run = json.loads(e2e["fs"].cat(sorted(record_files)[0]))
     assert set(t.column("run_id").to_pylist()) == {first_run["run_id"]}
     assert set(t.column("model").to_pylist()) == {"tiny:minicpmv4_6"}
@@ -167,7 +167,7 @@ def test_rerun_skips_committed_sources(e2e):
     out = e2e["second"].stdout
     assert f"{len(e2e['names'])} skipped (already committed)" in out, out
     assert sorted(e2e["fs"].find(f"{e2e['bucket']}/out/results/")) == e2e["results_after_first"]
-    records = [json.loads(e2e["fs"].cat(p)) for p in e2e["fs"].find(f"{e2e['bucket']}/out/_runs/")]
+    records = [json.loads(e2e["fs"].cat(p)) for p in e2e["fs"].find(f"{e2e['bucket']}/out/_runs/") if p.endswith(".json")]
     assert sorted(r["counts"]["processed"] for r in records) == [0, len(e2e["names"])]
     assert not e2e["fs"].exists(f"{e2e['bucket']}/out/_staging/") or not e2e["fs"].find(f"{e2e['bucket']}/out/_staging/")
 

@@ -75,12 +75,13 @@ def corpus() -> dict[str, tuple[bytes, list[tuple[int, str | None, str | None, s
     }
 
 
+# PDFs with 1-2 of 3-5 pages missing are `error`: over documents.max_failed_unit_share (0.1).
 EXPECTED_DOCS = {  # name -> (status, error_type)
     "layers.psd": ("ok", None), "scan.jp2": ("ok", None), "comic.cbz": ("ok", None),
     "notes.jpg": ("error", "unsupported_media_type"), "scan [1].png": ("ok", None), "fax.tif": ("ok", None),
     "anim.gif": ("ok", None), "podcast.mp3": ("error", "no_video_stream"), "song.m4a": ("error", "no_video_stream"),
-    "mirror.mp4": ("ok", None), "lying.pdf": ("partial", "page_missing"), "brokenref.pdf": ("partial", "page_missing"),
-    "nullpage.pdf": ("partial", "page_missing_content"), "dot.png": ("error", "image_too_small"),
+    "mirror.mp4": ("ok", None), "lying.pdf": ("error", "page_missing"), "brokenref.pdf": ("error", "page_missing"),
+    "nullpage.pdf": ("error", "page_missing_content"), "dot.png": ("error", "image_too_small"),
     "line.png": ("error", "image_too_small"), "bomb.png": ("error", "image_too_large"),
     "tenhours.mp4": ("error", "video_too_long"),
 }
@@ -99,6 +100,7 @@ model:
   name: tiny
   max_slice_nums: 1
   cache_dir: {cache}
+checks: {{enabled: false}}  # 3-token replies of a random model always reach the cap (reply checks: own tests)
 tasks:
   - {{name: ocr, max_new_tokens: 3}}
   - {{name: video_caption, max_new_tokens: 3}}
@@ -196,7 +198,7 @@ def test_every_result_row_has_its_status_type_and_message(run) -> None:
 def test_the_secret_is_in_no_output_record_or_log(run) -> None:
     assert "**********" in run["validate"].stdout and SECRET not in run["validate"].stdout + run["validate"].stderr
     assert SECRET not in run["proc"].stdout + run["proc"].stderr
-    record = next((run["root"] / "out" / "runs").glob("*.json"))
+    record = next((run["root"] / "out" / "_runs").glob("*.json"))
     assert json.loads(record.read_text())["config"]["storage"]["options"]["file"]["client_kwargs"] == {
         "auth_token": "**********"}
     scanned, leaked = 0, []

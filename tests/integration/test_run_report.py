@@ -69,7 +69,7 @@ def tiny_run(tmp_path_factory):
 
 def test_record_figures_equal_the_result_rows(tiny_run):
     tmp, proc = tiny_run
-    (rec_path,) = (tmp / "out" / "runs").glob("*.json")
+    (rec_path,) = (tmp / "out" / "_runs").glob("*.json")
     rec = json.loads(rec_path.read_text())
     rows = [r for r in pq.read_table(tmp / "out" / "results").to_pylist() if r["run_id"] == rec["run_id"]]
     units = {(r["source_id"], r["unit_index"], r["tile_index"]) for r in rows if r["unit_index"] >= 0}
@@ -103,7 +103,7 @@ def test_progress_lines_and_report_paths_printed(tiny_run):
     lines = [ln for ln in proc.stderr.splitlines() if "pipeline.progress" in ln]
     assert len(lines) >= 2, proc.stderr[-3000:]
     assert re.search(r"sources 6/6 \(100%\), units 8 .*all sources done", lines[-1]), lines[-1]
-    (rec_path,) = (tmp / "out" / "runs").glob("*.json")
+    (rec_path,) = (tmp / "out" / "_runs").glob("*.json")
     assert f"record     {rec_path}" in proc.stdout
     assert f"report     {rec_path.with_suffix('.html')}" in proc.stdout
 
@@ -112,7 +112,7 @@ def test_html_report_holds_its_plots(tiny_run):
     from PIL import Image
 
     tmp, _ = tiny_run
-    (html_path,) = (tmp / "out" / "runs").glob("*.html")
+    (html_path,) = (tmp / "out" / "_runs").glob("*.html")
     html = html_path.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html  # offline, self-contained
     plots = dict(re.findall(r'data-plot="(\w+)"[^>]*src="data:image/png;base64,([^"]+)"', html))
@@ -126,7 +126,7 @@ def test_html_report_holds_its_plots(tiny_run):
 
 def test_runs_lists_and_report_rerenders(tiny_run):
     tmp, _ = tiny_run
-    (rec_path,) = (tmp / "out" / "runs").glob("*.json")
+    (rec_path,) = (tmp / "out" / "_runs").glob("*.json")
     rec = json.loads(rec_path.read_text())
     listing = cpmv(tmp, "runs", str(tmp / "out"))
     assert listing.returncode == 0, listing.stderr

@@ -53,6 +53,9 @@ def _overrides(job: dict, corpus: Path, tmp: Path) -> list[str]:
         sets.append(f"input.uris=[{', '.join(uris)}]")
     sets += [f"tasks.{i}.max_new_tokens=4" for i in range(len(job.get("tasks", [])))]
     sets.append("model.max_slice_nums=1")
+    # 4-token replies of a random model always reach the cap: reply checks (their own tests) off here,
+    # where the job's plumbing is under test.
+    sets.append("checks.enabled=false")
     if job.get("video"):
         sets.append("video.max_frames_per_clip=4")  # tiny model on 2 CPU cores: fewer frames, same path
     return sets

@@ -108,7 +108,7 @@ def test_rayjob_runs_a_shipped_job_from_the_mounted_configmap(monkeypatch):
 
 def test_ray_versions_agree():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    low, high = re.search(r'"ray\[data\]>=([\d.]+),<([\d.]+)"', pyproject).groups()
+    low, high = re.search(r'"ray\[data(?:,default)?\]>=([\d.]+),<([\d.]+)"', pyproject).groups()
     dockerfile = (ROOT / "infra" / "Dockerfile").read_text()
     image = re.search(r"ARG RAY_VERSION=([\d.]+)", dockerfile).group(1)
 
