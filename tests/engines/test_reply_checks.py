@@ -12,11 +12,7 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +25,7 @@ from pipeline.infer import InferStage, RunContext
 from pipeline.samples import report_pdf_bytes
 from pipeline.tasks import fingerprint, resolve_task
 from schemas.records import UNITS_SCHEMA, to_table
+from tests.chat_standin import ChatStandIn
 
 GOOD_TABLE = "| Item | Qty |\n|---|---|\n| Pen | 2 |"
 PAGE_TEXT = "Quarterly report\nRevenue grew four percent in Europe while the Americas stayed flat this year."
@@ -137,44 +134,18 @@ def _script(width: int, attempt: int) -> tuple[dict, str]:
     return {"content": GOOD_TABLE}, "stop"
 
 
-class ScriptedServer:
+class ScriptedServer(ChatStandIn):
     """FAULT INJECTION: see the module docstring. `sent[width]` lists (temperature, max_tokens)."""
 
     def __init__(self):
-        from PIL import Image
-
         self.sent: dict[int, list[tuple[float, int]]] = {}
-        lock = threading.Lock()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                url = body["messages"][0]["content"][0]["image_url"]["url"]
-                width = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).width
-                with lock:
-                    outer.sent.setdefault(width, []).append((body["temperature"], body["max_tokens"]))
-                    attempt = len(outer.sent[width])
-                message, finish = _script(width, attempt)
-                data = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", **message},
-                                                "finish_reason": finish}],
-                                   "usage": {"prompt_tokens": 50, "completion_tokens": 9}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def answer(body, image):
+            self.sent.setdefault(image.width, []).append((body["temperature"], body["max_tokens"]))
+            message, finish = _script(image.width, len(self.sent[image.width]))
+            return message, finish, {"prompt_tokens": 50, "completion_tokens": 9}
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(answer)
 
 
 @pytest.fixture

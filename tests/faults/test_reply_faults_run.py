@@ -7,20 +7,17 @@ Asserts what a user reads: result rows (status, error_type, attempts, fallback),
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from tests.chat_standin import ChatStandIn
 
 pytestmark = pytest.mark.slow
 
@@ -42,40 +39,21 @@ ray: {{num_cpus: 2}}
 """
 
 
-class Server:
+class Server(ChatStandIn):
     """FAULT INJECTION: red image -> a loop to the cap; green image -> empty content; else a good reply."""
 
     def __init__(self):
-        from PIL import Image
-
         self.sent: list[tuple[str, float]] = []
-        lock = threading.Lock()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                url = body["messages"][0]["content"][0]["image_url"]["url"]
-                px = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), float)
-                r, g, b = px.reshape(-1, 3).mean(axis=0)
-                kind = "red" if r > 150 > g + 50 else "green" if g > 150 > r + 50 else "plain"
-                with lock:
-                    outer.sent.append((kind, body["temperature"]))
-                content, finish = {"red": (LOOP, "length"), "green": ("", "stop")}.get(kind, (GOOD, "stop"))
-                data = json.dumps({"choices": [{"message": {"content": content}, "finish_reason": finish}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 64}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def answer(body, image):
+            px = np.asarray(image.convert("RGB"), float)
+            r, g, b = px.reshape(-1, 3).mean(axis=0)
+            kind = "red" if r > 150 > g + 50 else "green" if g > 150 > r + 50 else "plain"
+            self.sent.append((kind, body["temperature"]))
+            content, finish = {"red": (LOOP, "length"), "green": ("", "stop")}.get(kind, (GOOD, "stop"))
+            return {"content": content}, finish, {"prompt_tokens": 10, "completion_tokens": 64}
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__(answer)
 
 
 def _pdf(path: Path, pages: list[str]) -> None:
