@@ -91,6 +91,20 @@ def peak_rss_mb() -> float:
     return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
 
 
+def vm_hwm_mb() -> float | None:
+    """This process's own peak RSS in MiB from /proc (VmHWM), or None off Linux.
+
+    Unlike ru_maxrss, which Linux carries across exec, it never reports the parent's peak in a child.
+    """
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     """(result, wall seconds, CPU seconds of this process) of one call."""
     w0, c0 = time.perf_counter(), time.process_time()

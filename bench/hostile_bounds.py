@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench import CACHE_DIR, cached, machine, peak_rss_mb, pin_one_core, timed, write_result
+from bench import CACHE_DIR, cached, machine, peak_rss_mb, pin_one_core, timed, vm_hwm_mb, write_result
 
 GIB = 2**30
 
@@ -90,13 +90,8 @@ def inputs(pages: int) -> dict[str, Path]:
 def _peak_mb() -> float:
     """This process's peak RSS in MiB: VmHWM on Linux (ru_maxrss survives exec, so a child would report
     the parent's peak from generating inputs), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return peak_rss_mb()
+    hwm = vm_hwm_mb()
+    return peak_rss_mb() if hwm is None else hwm
 
 
 def one(path: str | None) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from bench import (
     expand_stage,
     machine,
     peak_rss_mb,
+    vm_hwm_mb,
     pin_one_core,
     write_result,
 )
@@ -188,23 +189,13 @@ def measure_rates(path: Path, repeats: int, chunk_pages: int) -> dict[str, Any]:
 # Peak RSS (subprocess: only our stage, so nothing else in this process inflates the figure)
 
 
-def _vm_hwm_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
 def rss_child(path: str) -> None:
     pin_one_core()
     expander, source = expand_stage(Path(path))
     baseline = peak_rss_mb()
     stats, wall, cpu = timed(lambda: consume(expander, source))
     print(json.dumps({
-        "peak_rss_mb": peak_rss_mb(), "vm_hwm_mb": _vm_hwm_mb(), "baseline_rss_mb": baseline,
+        "peak_rss_mb": peak_rss_mb(), "vm_hwm_mb": vm_hwm_mb(), "baseline_rss_mb": baseline,
         "pages": stats["units"], "pixel_bytes": stats["pixel_bytes"], "errors": stats["errors"],
         "wall_s": wall, "cpu_s": cpu,
     }))
