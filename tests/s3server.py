@@ -232,6 +232,11 @@ def _command(weed: str, root: Path, ports: dict[str, int]) -> list[str]:
         **{name: str(port) for name, port in ports.items()},
         "s3.port.iceberg": "0", "s3.port.lance": "0", "webdav": "false", "admin.ui": "false",
         "master.telemetry": "false",  # no calls home from tests
+        # Every bucket takes at least one volume of its own, and `weed mini` caps the count at free
+        # disk / volume size when unset: on a CI disk with little free space the suite ran out after
+        # a few dozen buckets and every later PutObject was an InternalError. Volumes are sparse
+        # files (200 one-object buckets use ~3 MB), so a fixed, generous cap is safe.
+        "volume.max": "4096",
         # Unix sockets default to /tmp/seaweedfs-<kind>-<port>.sock: keep them in our dir.
         "filer.localSocket": str(root / "f.sock"), "s3.localSocket": str(root / "s.sock"),
     }
