@@ -77,21 +77,24 @@ def visual_tokens(
     use_image_id: bool | None = None,
     stack_units: list[int] | None = None,
 ) -> int:
-    """Placeholder tokens the processor expands this unit's images (or clip frames) to.
+    """Placeholder tokens the processor expands this unit's images (or clip frames) to, plus the
+    separator the engine writes after each image (clip) placeholder (`models.separator_tokens`).
 
     `stack_units`: a clip in 4.6's stack_frames layout, as `StackLayout.units()` lists it.
     """
     from pipeline.media.slicing import plan_image, plan_stacked_video, plan_video
+    from pipeline.models import separator_tokens
 
     if not num_images or not width or not height:
         return 0
+    sep = separator_tokens(family)
     if unit_kind == "clip" and stack_units is not None:
         return plan_stacked_video(family, width, height, stack_units, downsample_mode=downsample_mode).placeholder_tokens
     if unit_kind == "clip":
-        return plan_video(family, width, height, num_images, downsample_mode=downsample_mode).placeholder_tokens
+        return plan_video(family, width, height, num_images, downsample_mode=downsample_mode).placeholder_tokens + sep
     return sum(
         plan_image(family, width, height, max_slice_nums=max_slice_nums, downsample_mode=downsample_mode,
-                   use_image_id=use_image_id, image_index=k).placeholder_tokens
+                   use_image_id=use_image_id, image_index=k).placeholder_tokens + sep
         for k in range(num_images)
     )
 

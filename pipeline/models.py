@@ -196,6 +196,19 @@ def min_image_side(family: str) -> int:
     return get_family(family).min_image_side
 
 
+def separator_tokens(family: str) -> int:
+    """Tokens the engines write between each image (or clip) placeholder and the prompt text.
+
+    2.5-4.5 prompts are `placeholder + "\\n"` per image, then the text (the model cards' `chat()`
+    joins image and text with "\\n"; vLLM's own examples and its OpenAI server do the same): one
+    token, a lone "\\n" in the Llama 3 and Qwen2 vocabularies. 1.0/2.0's placeholder ends with its
+    own "\\n" (counted in the placeholder); the native 4.6+ chat templates place the image tokens
+    themselves (counted with the text by the engine's tokenizer, or not at all): 0.
+    """
+    spec = get_family(family)
+    return 1 if spec.image_separator and not spec.native_transformers else 0
+
+
 def vllm_placeholder_image_id(family: str, use_image_id: bool | None) -> bool:
     """Whether vLLM's prompt for an image of `family` carries `<image_id>N</image_id>`.
 

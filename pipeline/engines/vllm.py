@@ -50,6 +50,9 @@ class VLLMSettings:
     needs_stream_capture_patch: bool = False
     # vLLM 0.32's MiniCPMV dispatcher reads LoRA tables that its 2.0 class lacks (AttributeError).
     needs_v20_dispatch_patch: bool = False
+    # transformers 5 drops the tokenizer.json pipeline of a remote-code fast tokenizer with its own
+    # __init__ (2.5's): prompts would lose every space and newline (_patch_remote_tokenizer_json).
+    needs_tokenizer_json_patch: bool = False
 
 
 # Placeholders of the `minicpmv` generations (vLLM's MiniCPMVProcessingInfo patterns).
@@ -62,7 +65,8 @@ VLLM_SETTINGS: dict[str, VLLMSettings] = {
     # 2.0 (MiniCPM-2B) and 2.5 (Llama-3) are images only in vLLM.
     "minicpmv2_0": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True,
                                 needs_v20_dispatch_patch=True),
-    "minicpmv2_5": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True),
+    "minicpmv2_5": VLLMSettings(native=False, supports_video=False, needs_stream_capture_patch=True,
+                                needs_tokenizer_json_patch=True),
     "minicpmv2_6": VLLMSettings(native=False, needs_stream_capture_patch=True),
     "minicpmv4_0": VLLMSettings(native=False, needs_stream_capture_patch=True),
     "minicpmv4_5": VLLMSettings(native=False),
@@ -184,6 +188,52 @@ def _patch_v20_dispatch() -> None:
     proc._convert_images_texts_to_inputs = nested_sizes
 
 
+def _patch_remote_tokenizer_json() -> None:
+    """Load a remote-code fast tokenizer from its tokenizer.json as a whole (MiniCPM-Llama3-V 2.5).
+
+    transformers 5 (seen in 5.19 and 5.24) rebuilds a `TokenizersBackend` subclass that defines its
+    own `__init__` - 2.5's `MiniCPMVTokenizerFast` does - from the vocab and merges alone: no
+    pre-tokenizer and no byte-level decoder, so every space, newline and non-ASCII character of a
+    prompt is silently dropped. `convert_to_native_format` keeps the whole tokenizer.json when told
+    `trust_remote_code`, but `from_pretrained` never passes that flag on; this passes it for classes
+    loaded as remote code (module `transformers_modules.*`), which the user opted into. The patch
+    is in this process, where vLLM tokenizes prompts and detokenizes replies (its front end).
+    """
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    convert = TokenizersBackend.convert_to_native_format.__func__
+    if getattr(convert, "_cpmv_keeps_json", False):
+        return
+
+    def keep_json(cls, trust_remote_code=False, **kwargs):
+        remote = cls.__module__.startswith("transformers_modules.")
+        return convert(cls, trust_remote_code=trust_remote_code or remote, **kwargs)
+
+    keep_json._cpmv_keeps_json = True  # type: ignore[attr-defined]
+    TokenizersBackend.convert_to_native_format = classmethod(keep_json)
+
+
+def _check_whitespace_kept(tokenizer: Any, model_dir: str) -> None:
+    """Fail fast when the loaded tokenizer drops spaces or newlines (a broken tokenizer pipeline,
+    see _patch_remote_tokenizer_json): every prompt would reach the model mangled."""
+    def ids(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    if ids("a b") == ids("ab") or ids("a\nb") == ids("ab"):
+        raise ValueError(
+            f"the tokenizer of {model_dir} ({type(tokenizer).__name__}) drops spaces or newlines: its "
+            f"tokenizer.json pre-tokenizer was not loaded (transformers {_transformers_version()}); "
+            f"prompts would reach the model without them. Fix: load the checkpoint's tokenizer.json as a whole "
+            f"(a transformers release that honours it for remote-code tokenizers) or a checkpoint with a native tokenizer"
+        )
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _flat_sizes(sizes: Any) -> bool:
     """Whether `sizes` is one flat list of (width, height) (tuples, (2,) tensors, or one (n, 2)
     tensor), rather than one such list per prompt."""
@@ -194,6 +244,16 @@ def _flat_sizes(sizes: Any) -> bool:
     if getattr(first, "ndim", None) is not None:  # a list of (2,) tensors: what 2.0's processor returns
         return first.ndim == 1 and len(first) == 2
     return isinstance(first, (tuple, list)) and len(first) == 2 and all(isinstance(v, int) for v in first)
+
+
+def _bos_added_twice(tokenizer: Any) -> str | None:
+    """The BOS text when `tokenizer` adds BOS on encode itself (so a template's own copy would double
+    it), else None. Qwen's tokenizers (2.6+) add none; 2.0's adds `<s>` but its prompt has none."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return None
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bos if ids[:1] == [bos_id] and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos_id] else None
 
 
 def _is_engine_dead(exc: BaseException) -> bool:
@@ -264,6 +324,8 @@ class VLLMEngine(Engine):
             _patch_stream_capture_on_cpu()
         if self.gen.needs_v20_dispatch_patch:
             _patch_v20_dispatch()
+        if VLLM_SETTINGS[self.family].needs_tokenizer_json_patch:
+            _patch_remote_tokenizer_json()
 
         from vllm import LLM
 
@@ -307,6 +369,7 @@ class VLLMEngine(Engine):
         self.max_frames_per_video = max_frames_per_video
         self.dtype = dtype
         self.tokenizer = self.llm.get_tokenizer()
+        _check_whitespace_kept(self.tokenizer, model_dir)
 
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = [vocab[t] for t in self.gen.stop_tokens if t in vocab]
@@ -321,6 +384,7 @@ class VLLMEngine(Engine):
         self._reserved = [self._image_token, self._video_token, "<|im_start|>", "<|im_end|>"]
         if self.gen.chat_format == "minicpm_v2":
             self._reserved += [MINICPM_V2_USER, MINICPM_V2_AI]
+        self._template_bos = _bos_added_twice(self.tokenizer)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -375,8 +439,8 @@ class VLLMEngine(Engine):
     def count_text_tokens(self, text: str) -> int | None:
         """Tokens of `text` as a text-only user turn rendered by the chat template (visual tokens
         of the placeholders the engine adds are counted by the guard from the slicing plan)."""
-        rendered = render_user_turn(self.gen, text, self.tokenizer)
-        return len(self.tokenizer.encode(rendered, add_special_tokens=False))
+        # Encoded as vLLM encodes a text prompt (special tokens on: 2.0/2.5's tokenizers add BOS).
+        return len(self.tokenizer.encode(self._render(text), add_special_tokens=True))
 
     def model_info(self) -> dict[str, str]:
         import vllm
@@ -456,7 +520,7 @@ class VLLMEngine(Engine):
             content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
         else:
             content = legacy_user_content(self.gen, n_items, request.prompt, token)
-        text = render_user_turn(self.gen, content, self.tokenizer)
+        text = self._render(content)
         # Guard against a template that drops visual items: the images would be silently lost.
         if text.count(token) != n_items:
             raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")
@@ -471,6 +535,19 @@ class VLLMEngine(Engine):
             if self.gen.native:
                 prompt["mm_processor_kwargs"] = options
         return prompt
+
+    def _render(self, content: Any) -> str:
+        """The prompt text of one user turn (render_user_turn) as vLLM must receive it.
+
+        vLLM encodes a text prompt with special tokens on, so a tokenizer that adds BOS itself
+        (Llama 3's, 2.5) would put a second one after the one its chat template writes: the
+        template's copy is left out, giving the one BOS the model was trained with (as
+        `apply_chat_template(tokenize=True)` in 2.5's original `chat()` and vLLM's OpenAI server do).
+        """
+        text = render_user_turn(self.gen, content, self.tokenizer)
+        if self._template_bos and text.startswith(self._template_bos):
+            text = text[len(self._template_bos):]
+        return text
 
     def _sampling(self, request: Request) -> Any:
         from vllm import SamplingParams

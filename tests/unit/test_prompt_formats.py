@@ -79,3 +79,47 @@ def test_only_2_0s_image_sizes_are_nested_for_vllm(family, flat):
 
     out = image_processor(family).preprocess([Image.new("RGB", (700, 500))], return_tensors="pt")
     assert _flat_sizes(out["image_sizes"]) is flat
+
+
+class _Tok:
+    """A tokenizer stand-in: one id per character (BOS 0 added on request), whitespace dropped if told."""
+
+    bos_token, bos_token_id = "<s>", 0
+
+    def __init__(self, keep_whitespace=True, adds_bos=True):
+        self.keep_whitespace, self.adds_bos = keep_whitespace, adds_bos
+
+    def encode(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text if self.keep_whitespace or not c.isspace()]
+        return ([0] if add_special_tokens and self.adds_bos else []) + ids
+
+
+def test_a_tokenizer_that_drops_whitespace_fails_the_engine_start():
+    """transformers 5 loads 2.5's remote-code tokenizer without its pre-tokenizer (spaces and
+    newlines vanish); the engine refuses such a tokenizer instead of sending mangled prompts."""
+    from pipeline.engines.vllm import _check_whitespace_kept
+
+    _check_whitespace_kept(_Tok(), "ckpt")
+    with pytest.raises(ValueError, match="drops spaces or newlines.*Fix:"):
+        _check_whitespace_kept(_Tok(keep_whitespace=False), "ckpt")
+
+
+def test_the_templates_bos_is_left_out_only_where_the_tokenizer_adds_one():
+    """Llama 3's template writes <|begin_of_text|> and its tokenizer adds one too: vLLM would get two."""
+    from pipeline.engines.vllm import _bos_added_twice
+
+    assert _bos_added_twice(_Tok(adds_bos=True)) == "<s>"
+    assert _bos_added_twice(_Tok(adds_bos=False)) is None  # Qwen's tokenizers (2.6+)
+
+
+@pytest.mark.parametrize("family,sep", [("minicpmv2_0", 0), ("minicpmv2_5", 1), ("minicpmv2_6", 1),
+                                        ("minicpmv4_5", 1), ("minicpmv4_6", 0)])
+def test_the_guard_counts_the_newline_after_each_placeholder(family, sep):
+    """2.5-4.5 prompts are placeholder + "\\n" per image (clip): one token each that the guard adds."""
+    from pipeline.guards import visual_tokens
+    from pipeline.media.slicing import plan_image
+    from pipeline.models import separator_tokens
+
+    assert separator_tokens(family) == sep
+    plans = [plan_image(family, 700, 500, image_index=k).placeholder_tokens for k in range(2)]
+    assert visual_tokens(family, "image", 700, 500, 2) == sum(plans) + 2 * sep

@@ -113,10 +113,13 @@ def test_2_0_runs_through_vllm_with_its_own_prompt_format(tmp_path: Path) -> Non
         assert ok.error_type is None, ok.error_message
         assert 1 <= ok.completion_tokens <= 4
         plan = plan_image("minicpmv2_0", 700, 500)
-        # <s> <用户> placeholder "Describe." <AI>: the visual part is exactly the plan's.
+        # <s> <用户> placeholder "Describe." <AI>: the visual part is exactly the plan's, and the text
+        # part is what the engine counts for the context guard (with the <s> its tokenizer adds).
         text = len(eng.tokenizer.encode("<用户>Describe.<AI>"))
+        assert eng.count_text_tokens("Describe.") == text
         assert ok.prompt_tokens == text + plan.placeholder_tokens, (ok.prompt_tokens, text, plan)
         assert two.error_type is not None and "at most 1 image" in two.error_message
         assert tiny.error_type is not None and "under 4 px" in tiny.error_message
     finally:
         eng.close()
+
