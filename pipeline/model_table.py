@@ -21,7 +21,8 @@ TESTED: dict[tuple[str, str], str] = {
     ("minicpmv4_5", "vllm"): "tiny checkpoint, vLLM CPU (tests/vllm/test_vllm_engine.py)",
     ("minicpmv4_0", "vllm"): "tiny checkpoint, vLLM CPU (tests/vllm/test_vllm_engine.py)",
     ("minicpmv2_6", "vllm"): "tiny checkpoint, vLLM CPU (tests/vllm/test_vllm_engine.py)",
-    ("minicpmv2_5", "vllm"): "placeholders vs vLLM's functions (tests/vllm/test_reference_vllm.py)",
+    ("minicpmv2_5", "vllm"): "tiny checkpoint with the real 2.5 processor and tokenizer config, vLLM CPU "
+                             "(tests/vllm/test_v25_vllm.py)",
     ("minicpmv2_0", "vllm"): "tiny checkpoint with the real 2.0 processor, vLLM CPU (tests/vllm/test_v20_vllm.py)",
     ("minicpmv4_6", "openai"): "local HTTP server (tests/engines/test_openai_engine.py)",
     ("minicpmv4_5", "openai"): "local HTTP server (tests/engines/test_openai_engine.py)",
@@ -55,6 +56,8 @@ def text() -> str:
     out = []
     for row in rows():
         served = ", ".join(row["engines"]) if row["engines"] else f"none: {row['note']}"
+        if row["engines"] and row["note"]:  # served, but not by every engine: say why
+            served += f" ({row['note']})"
         out.append(f"{row['family']:<{width}}  {row['display']:<22}  {served}")
     return "\n".join(out) + "\n"
 

@@ -53,7 +53,7 @@ class FamilySpec:
     # `use_image_id` says (2.6/4.0/4.5); 2.0/2.5's placeholders have no id at all.
     vllm_image_id: bool | None = None  # None: the engine honours use_image_id
     slices: bool = True  # False: the processor never slices (1.0 resizes every image to 448x448)
-    note: str = ""  # why no engine serves it, shown by `cpmv models`
+    note: str = ""  # why no engine (or which engine not) serves it, shown by `cpmv models`
 
 
 # The Qwen3.5 text backbone ends an assistant turn with <|im_end|>; <|endoftext|> ends a document
@@ -126,6 +126,10 @@ def _legacy(name: str, display: str, version: str | None, stops: tuple[str, ...]
 
 _NOT_SERVED_1_0 = ("vLLM cannot load it (no image processor config) and transformers has no native class; "
                    "a remote-code transformers engine is designed but not built (issue 12)")
+_NO_OPENAI_2_0 = ("a vLLM OpenAI server cannot render its prompt: 2.0's tokenizer has no chat template and overrides "
+                  "apply_chat_template(conversation, add_image_msg), which vLLM's server calls with tools=, "
+                  "chat_template= and tokenize= (TypeError, HTTP 400 for every request, with or without "
+                  "--chat-template); engine.kind vllm writes 2.0's <用户>...<AI> prompt itself")
 _NOT_SERVED_OMNI = ("model_type omnilmm (EVA02 vision tower + resampler + Mistral-7B): no vLLM or transformers "
                     "model exists for it; a remote-code engine is designed but not built (issue 12)")
 
@@ -138,7 +142,8 @@ FAMILIES.update({
                 slices=False, engines=(), note=_NOT_SERVED_1_0),
         # 2.0/2.5 placeholders carry no image id (vLLM asks their processor without one).
         _legacy("minicpmv2_0", "MiniCPM-V 2.0", None, ("</s>", "<|im_end|>"), use_image_id_images=False,
-                vllm_image_id=False, chat_format="minicpm_v2", image_separator=""),
+                vllm_image_id=False, chat_format="minicpm_v2", image_separator="", engines=("vllm",),
+                note=_NO_OPENAI_2_0),
         _legacy("minicpmv2_5", "MiniCPM-Llama3-V 2.5", "2.5", ("<|eot_id|>", "<|end_of_text|>"),
                 use_image_id_images=False, vllm_image_id=False),
         _legacy("minicpmv2_6", "MiniCPM-V 2.6", "2.6", _QWEN_STOPS),

@@ -79,8 +79,10 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
         else:
             kind = "vllm"
     if kind not in spec.engines:
+        why = f" ({spec.note})" if spec.note else ""
         raise ConfigError(
-            f"engine.kind {kind}: {spec.display} is served by {', '.join(spec.engines)}; set engine.kind to one of them"
+            f"engine.kind {kind}: {spec.display} is served by {', '.join(spec.engines)}{why}; "
+            f"set engine.kind to one of them"
         )
     if kind == "vllm" and not installed():
         raise ConfigError(

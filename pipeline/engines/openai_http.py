@@ -121,6 +121,7 @@ class OpenAIEngine(Engine):
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if image_format.lower() not in _IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {sorted(_IMAGE_FORMATS)}, got {image_format!r}")
+        _check_family_served(family)
 
         parts = urlsplit(base_url)
         root = parts.path.rstrip("/")
@@ -315,6 +316,18 @@ class OpenAIEngine(Engine):
         if self._api_key and self._api_key in text:
             text = text.replace(self._api_key, "***")
         return text
+
+
+def _check_family_served(family: str | None) -> None:
+    """Refuse a generation no OpenAI-compatible vLLM server can serve (MiniCPM-V 2.0: see the
+    family's `note`), before any request fails with HTTP 400 on the server."""
+    if family is None:
+        return
+    from pipeline.models import FAMILIES
+
+    spec = FAMILIES.get(family)
+    if spec is not None and "openai" not in spec.engines:
+        raise ValueError(f"engine openai does not serve {spec.display}: {spec.note or 'see `cpmv models`'}")
 
 
 def _takes_request_options(family: str | None) -> bool:

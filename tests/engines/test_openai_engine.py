@@ -491,6 +491,15 @@ def test_legacy_generations_refuse_processor_options_per_request() -> None:
     assert sent.error_type == "connection_error"
 
 
+def test_2_0_is_refused_at_start_with_the_reason() -> None:
+    """A vLLM OpenAI server cannot render MiniCPM-V 2.0's prompt (tests/vllm/test_v20_vllm.py shows
+    vLLM's own template call failing on the real 2.0 tokenizer), so the engine refuses 2.0 up front
+    instead of sending requests that all come back HTTP 400. No server needed: nothing is sent."""
+    with pytest.raises(ValueError, match=r"does not serve MiniCPM-V 2\.0: .*apply_chat_template.*engine\.kind vllm"):
+        OpenAIEngine("http://127.0.0.1:1", "m", family="minicpmv2_0")
+    OpenAIEngine("http://127.0.0.1:1", "m", family="minicpmv2_5").close()  # 2.5 has a chat template
+
+
 def _record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Record the waits the engine asks for (and still wait), instead of timing the test."""
     import pipeline.engines.openai_http as mod

@@ -21,6 +21,9 @@ def test_explicit_kind_must_serve_the_family(monkeypatch):
         factory.resolve_kind("transformers", "minicpmv4_5")
     with pytest.raises(ConfigError, match="MiniCPM-OCR 1.0 is served by transformers, openai"):
         factory.resolve_kind("vllm", "minicpm_ocr")
+    # 2.0 through a vLLM OpenAI server: refused with the reason and the engine that serves it
+    with pytest.raises(ConfigError, match=r"MiniCPM-V 2\.0 is served by vllm \(a vLLM OpenAI server cannot render"):
+        factory.resolve_kind("openai", "minicpmv2_0")
 
 
 def test_vllm_missing_says_how_to_get_it(monkeypatch):

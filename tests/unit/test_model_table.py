@@ -38,7 +38,7 @@ def test_cli_lists_engines_per_family():
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     by_name = {r["family"]: r for r in rows}
-    assert by_name["minicpmv2_0"]["engines"] == ["vllm", "openai"]
+    assert by_name["minicpmv2_0"]["engines"] == ["vllm"] and "apply_chat_template" in by_name["minicpmv2_0"]["note"]
     assert by_name["minicpmv1_0"]["engines"] == [] and "vLLM cannot load it" in by_name["minicpmv1_0"]["note"]
     plain = subprocess.run([sys.executable, "-m", "pipeline.cli", "models"], capture_output=True, text=True,
                            check=True, cwd=ROOT).stdout

@@ -123,3 +123,27 @@ def test_2_0_runs_through_vllm_with_its_own_prompt_format(tmp_path: Path) -> Non
     finally:
         eng.close()
 
+
+def test_a_vllm_openai_server_cannot_render_2_0s_prompt() -> None:
+    """Why engine.kind openai refuses 2.0 (pipeline.models' 2.0 note): vLLM 0.32's server renders every
+    chat request with `safe_apply_chat_template`, which calls the tokenizer's `apply_chat_template`
+    with conversation=, tools=, chat_template= and tokenize=. 2.0's real tokenizer class overrides
+    that method as (conversation, add_image_msg): even with a chat template given (the server's
+    --chat-template or a request's chat_template), every request fails as a validation error (HTTP
+    400). The real method is bound to a minimal tokenizer object (2.0's sentencepiece model is not
+    among the reference files)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.hf import safe_apply_chat_template
+
+    from tests.reference import load
+
+    real = load("v20_tokenization_minicpmv").MiniCPMVTokenizer
+    tokenizer = type("Tokenizer20", (), {
+        "apply_chat_template": real.apply_chat_template, "name_or_path": "minicpmv2_0",
+        "get_chat_template": lambda self, template, tools=None: template,
+    })()
+    conversation = [{"role": "user", "content": "(<image>./</image>)Describe."}]
+    assert real.apply_chat_template(tokenizer, conversation) == "<用户>(<image>./</image>)Describe.<AI>"
+    template = "{% for m in messages %}<用户>{{ m['content'] }}{% endfor %}<AI>"
+    with pytest.raises(VLLMValidationError, match=r"apply_chat_template\(\) got an unexpected keyword argument 'tools'"):
+        safe_apply_chat_template(None, tokenizer, conversation, chat_template=template, tokenize=False)
