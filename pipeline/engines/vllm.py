@@ -223,8 +223,9 @@ def _check_whitespace_kept(tokenizer: Any, model_dir: str) -> None:
         raise ValueError(
             f"the tokenizer of {model_dir} ({type(tokenizer).__name__}) drops spaces or newlines: its "
             f"tokenizer.json pre-tokenizer was not loaded (transformers {_transformers_version()}); "
-            f"prompts would reach the model without them. Fix: load the checkpoint's tokenizer.json as a whole "
-            f"(a transformers release that honours it for remote-code tokenizers) or a checkpoint with a native tokenizer"
+            f"prompts would reach the model without them. Fix: a tokenizer class without its own __init__ in the "
+            f"checkpoint, or a transformers release that loads tokenizer.json whole for remote-code tokenizers "
+            f"(the engine does this itself for MiniCPM-Llama3-V 2.5)"
         )
 
 
@@ -369,7 +370,11 @@ class VLLMEngine(Engine):
         self.max_frames_per_video = max_frames_per_video
         self.dtype = dtype
         self.tokenizer = self.llm.get_tokenizer()
-        _check_whitespace_kept(self.tokenizer, model_dir)
+        try:
+            _check_whitespace_kept(self.tokenizer, model_dir)
+        except ValueError:
+            self.close()  # fail fast without leaving the engine's memory and threads behind
+            raise
 
         vocab = self.tokenizer.get_vocab()
         self.stop_ids = [vocab[t] for t in self.gen.stop_tokens if t in vocab]
