@@ -154,3 +154,21 @@ def test_published_files_keep_pass_through_types_across_a_republished_window(tmp
         assert {v for (sid, _), v in by_sid.items() if sid == sids[1]} == {11}
     results = pq.read_table(tmp_path / "out" / "results").to_pylist()
     assert len(results) == 2 * 3 * 2  # no row lost or doubled by the move
+
+
+def test_cpmv_schema_output_lists_a_jobs_pass_through_columns(tmp_path, capsys):
+    from pipeline.cli import main
+
+    uris = _files(tmp_path)
+    path = _parquet_manifest(tmp_path, uris)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {{manifest: {path}, pass_through: [item_id, taken_at]}}\noutput: {{uri: {tmp_path}/out}}\n")
+    assert main(["schema", "--output", "--job", str(job)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for table in ("results", "documents"):
+        assert out["tables"][table][-2:] == [
+            {"name": "item_id", "type": "int64", "nullable": True, "pass_through": True},
+            {"name": "taken_at", "type": "timestamp[us, tz=UTC]", "nullable": True, "pass_through": True}]
+    assert "input.pass_through" in out["pass_through"]
+    assert main(["schema", "--output", "--job", str(job), "--set", "input.pass_through=[nope]"]) == 2
+    assert "no column(s) 'nope'" in capsys.readouterr().err
