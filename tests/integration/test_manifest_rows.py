@@ -61,7 +61,7 @@ def _calls(tmp_path: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def _job(manifest: str, out: str, cache: Path, storage: dict | None = None):
+def _job(manifest: str, out: str, cache: Path, storage: dict | None = None, preprocess: int | None = None):
     from pipeline import load_job_data
 
     return load_job_data({
@@ -70,7 +70,7 @@ def _job(manifest: str, out: str, cache: Path, storage: dict | None = None):
         "output": {"uri": out}, "storage": storage or {},
         "model": {"name": "tiny", "max_slice_nums": 1, "cache_dir": str(cache)},
         "checks": {"enabled": False},  # 3-token random replies run to the cap: plumbing, not reply quality
-        "tasks": [{"name": "caption", "max_new_tokens": 3}], "ray": {"num_cpus": 2},
+        "tasks": [{"name": "caption", "max_new_tokens": 3}], "ray": {"num_cpus": 2, "preprocess_concurrency": preprocess},
     })
 
 
@@ -175,9 +175,12 @@ def test_csv_manifest_on_s3_keeps_inferred_types_and_dedups(local_ray, s3_server
     env = s3_server.env()
     storage = {"s3": {"endpoint_url": env["AWS_ENDPOINT_URL"], "access_key_id": env["AWS_ACCESS_KEY_ID"],
                       "secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}}
-    job = _job(f"s3://{bucket}/manifest.csv", f"s3://{bucket}/out", tmp_path / "cache", storage)
+    # Two preprocess actors: claims are made by different Ray workers, through the run's registry actor.
+    job = _job(f"s3://{bucket}/manifest.csv", f"s3://{bucket}/out", tmp_path / "cache", storage, preprocess=2)
     summary = run_job(job)
     assert summary.status == "complete", summary.message
+    record = json.loads(fs.cat(f"{bucket}/out/_runs/{summary.attempt}.json"))
+    assert record["stages"]["preprocess"]["workers"] == 2
     assert _calls(tmp_path) == 4 and summary.counts["dedup_units_saved"] == 1  # a, c, d, e; b copied
     local = tmp_path / "download"
     fs.get(f"{bucket}/out/results/", str(local / "results"), recursive=True)
