@@ -26,6 +26,8 @@ from pipeline.config import InputConfig
 
 #: Error type of a source whose per-row prompt cannot be made (bad template, null cell, too long).
 PROMPT_ERROR = "prompt_template"
+#: Manifest rows converted to Python at a time to fill templates.
+_CHUNK = 8192
 #: Longest per-row prompt, in characters (inputs are bounded; the context guard counts tokens later).
 MAX_PROMPT_CHARS = 32_000
 
@@ -130,14 +132,17 @@ def load(cfg: InputConfig, table: pa.Table | None, where: str = "manifest") -> R
                 or pa.types.is_null(table.schema.field(c).type)):
             raise ValueError(f"input.prompt_column: column {c!r} of {where} must hold text, not "
                              f"{table.schema.field(c).type}")
-        for row in table.to_pylist():
-            template = row.get(c)
+        others = table.drop_columns([c])
+        chunk: list[dict[str, object]] = []
+        for i, template in enumerate(table.column(c).to_pylist()):
+            if i % _CHUNK == 0:  # rows become Python objects a chunk at a time: a huge manifest stays Arrow
+                chunk = others.slice(i, _CHUNK).to_pylist()
             if template is None or not str(template).strip():
                 data.prompts.append(None)
                 data.errors.append(None)
                 continue
             try:
-                prompt = fill_template(str(template), {k: v for k, v in row.items() if k != c})
+                prompt = fill_template(str(template), chunk[i % _CHUNK])
                 if len(prompt) > MAX_PROMPT_CHARS:
                     raise TemplateError(f"the prompt has {len(prompt)} characters, above {MAX_PROMPT_CHARS}")
                 data.prompts.append(prompt)
@@ -155,13 +160,16 @@ def _check_repeats(cfg: InputConfig, table: pa.Table, data: RowData, where: str)
         return  # sources.manifest_uris names this error
     uris = [(v or "").strip() for v in table.column(cfg.manifest_column).to_pylist()]
     first: dict[str, int] = {}
-    values = data.columns.to_pylist() if data.columns is not None else None
+
+    def values(k: int) -> list[dict[str, object]] | None:
+        return data.columns.slice(k, 1).to_pylist() if data.columns is not None else None
+
     for i, u in enumerate(uris):
         j = first.setdefault(u, i)
         if j == i:
             continue
         same = (not data.prompts or (data.prompts[i], data.errors[i]) == (data.prompts[j], data.errors[j])) and (
-            values is None or values[i] == values[j])
+            values(i) == values(j))
         if not same:
             raise ValueError(f"{where}: rows {j} and {i} (0-based) both name {u!r} with different prompts or "
                              "pass-through values; one source has one row (list it once)")
