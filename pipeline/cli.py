@@ -78,9 +78,16 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     if args.output:
         from schemas.records import SCHEMA_VERSION, TABLES
 
+        from pipeline.rowdata import PASS_THROUGH_NOTE, job_columns
+
+        try:
+            extra = job_columns(args.job, args.set) if args.job else []  # a job's pass-through columns
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            print(f"cpmv: {err}", file=sys.stderr)
+            return 2
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tables": {
-            name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
-            for name, schema in TABLES.items()}}, indent=2))
+            name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema] + extra
+            for name, schema in TABLES.items()}, "pass_through": PASS_THROUGH_NOTE}, indent=2))
         return 0
     print(json.dumps(JobConfig.model_json_schema(), indent=2))
     return 0
@@ -216,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
     sch.add_argument("--output", action="store_true", help="print the output tables' Parquet schemas instead "
                      "(results/, documents/: column, type, nullable)")
+    sch.add_argument("--job", help="with --output: also list this job's pass-through columns (input.pass_through), "
+                     "typed as its manifest says")
+    sch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sch.set_defaults(func=_cmd_schema)
 
     models = sub.add_parser("models", help="model utilities")

@@ -37,15 +37,26 @@ class SourceWork:
     size: int | None
     tasks: tuple[str, ...]  # the tasks this run (re)does for it
     prior: Prior | None = None
+    manifest_row: int | None = None  # its manifest row (pass-through columns: pipeline/rowdata.py)
+    prompt: str | None = None  # its per-row prompt (None: each task's own)
+    prompt_error: str | None = None  # why its per-row prompt could not be made (an error row)
 
     def item(self) -> dict[str, Any]:
         """The source's row in the plan's input dataset."""
-        return {"source_uri": self.uri, "source_id": self.source_id, "size": self.size, "tasks": list(self.tasks)}
+        return {"source_uri": self.uri, "source_id": self.source_id, "size": self.size, "tasks": list(self.tasks),
+                "prompt": self.prompt, "prompt_error": self.prompt_error}
+
+    def fingerprints(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        """The job's task fingerprints as they apply to this source (a per-row prompt changes them)."""
+        from pipeline.rowdata import row_fingerprint
+
+        return {t: row_fingerprint(fp, self.prompt) for t, fp in fingerprints.items()}
 
 
 @dataclass
 class _Open:
     expected: int | None = None
+    dedup_of: str | None = None  # a duplicate's claimant (input.dedup content; pipeline/dedup.py)
     keys: set[tuple[Any, Any, str]] = field(default_factory=set)
     units: set[tuple[Any, Any]] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -68,8 +79,12 @@ class Collector:
     32-character id per source completed in this run (to drop late duplicates).
     """
 
-    def __init__(self, work: dict[str, SourceWork], observe: Any = None):
+    def __init__(self, work: dict[str, SourceWork], observe: Any = None, dedup: bool = False):
+        """`dedup`: input.dedup content; duplicates get copies of their claimant's rows (pipeline/dedup.py)."""
+        from pipeline.dedup import DedupBook
+
         self.work = work
+        self.dedup = DedupBook(work) if dedup else None
         # observe(rows, new_units): every accepted result row of a block, and whether each is the
         # first row of its unit (pipeline/runstats.py counts units and tokens from these).
         self.observe = observe
@@ -93,6 +108,7 @@ class Collector:
             expected = row.pop(EXPECTED_ROWS, None)
             if row["unit_kind"] == MARKER_KIND:
                 state.expected = expected
+                state.dedup_of = row.get("dedup_of")
             else:
                 key = (row["unit_index"], row["tile_index"], row["task"])
                 if key in state.keys:
@@ -111,8 +127,23 @@ class Collector:
         for sid in touched:
             state = self._open[sid]
             if state.expected is not None and len(state.keys) >= state.expected:
-                done.append(self._close(sid))
-        return done
+                if state.dedup_of is not None and self.dedup is not None and state.dedup_of != sid:
+                    del self._open[sid]  # a duplicate: complete once its claimant is (pipeline/dedup.py)
+                    self.dedup.wait(sid, state.dedup_of)
+                else:
+                    done.append(self._close(sid))
+        return done + self._copies()
+
+    def _copies(self) -> list[Complete]:
+        """Duplicates whose claimant is complete, with copies of its rows."""
+        if self.dedup is None:
+            return []
+        out = []
+        for dup, _, rows, units in self.dedup.ready():
+            self._done.add(dup)
+            self.dedup.closed(dup, None, units)
+            out.append(Complete(self.work[dup], rows, units))
+        return out
 
     def is_done(self, source_id: str) -> bool:
         """Whether every row of the source has arrived (it is published or waits in a window)."""
@@ -121,6 +152,8 @@ class Collector:
     def forget_open(self) -> None:
         """Drop the rows of sources still in flight (their plan failed; a new plan redoes them whole)."""
         self._open.clear()
+        if self.dedup is not None:
+            self.dedup.forget_waiting()
 
     def in_flight(self) -> int:
         return len(self._open)
@@ -134,6 +167,8 @@ class Collector:
         state = self._open.pop(sid)
         self._done.add(sid)
         units = len({(k[0], k[1]) for k in state.keys})
+        if self.dedup is not None:
+            self.dedup.closed(sid, state.rows if complete else None, units)
         return Complete(self.work[sid], state.rows, units, complete)
 
     def never_seen(self) -> list[SourceWork]:

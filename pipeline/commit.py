@@ -75,8 +75,15 @@ class Publisher:
     """Publishes windows of complete sources for one attempt (see the module docstring)."""
 
     def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
-                 compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1):
+                 compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1,
+                 rows: Any = None):
+        """`rows`: the manifest's per-row data (pipeline/rowdata.py RowData): its pass-through columns
+        are appended to every results and documents file, so every file of a prefix has one schema."""
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
+        self.rows = rows
+        extra = rows.fields if rows is not None else []
+        self.schemas = {"results": pa.schema([*RESULTS_SCHEMA, *extra], metadata=RESULTS_SCHEMA.metadata),
+                        "documents": pa.schema([*DOCUMENTS_SCHEMA, *extra], metadata=DOCUMENTS_SCHEMA.metadata)}
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
         self.max_failed_unit_share = max_failed_unit_share  # documents.max_failed_unit_share
@@ -128,19 +135,24 @@ class Publisher:
         moved, rewrites = self._supersede(sources)
         results_rows: list[dict[str, Any]] = []
         doc_rows = []
+        manifest_rows: list[int | None] = []  # per results row: its source's manifest row (pass-through)
         for src in sources:
             mine = moved.get(src.work.source_id, [])
             results_rows.extend(mine)
             results_rows.extend(src.rows)
+            manifest_rows.extend([src.work.manifest_row] * (len(mine) + len(src.rows)))
             doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine,
                                          self.max_failed_unit_share))
         staged = self.layout.staging(self.attempt, f"w{window:05d}")
         ops: list[list[str]] = []
         files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)
         if results_rows:
-            files.append(("results", to_table(results_rows, RESULTS_SCHEMA), self.layout.data_file("results", stem)))
+            files.append(("results", self._with_rows(to_table(results_rows, RESULTS_SCHEMA), manifest_rows),
+                          self.layout.data_file("results", stem)))
         files.extend(r for r in rewrites if r[0] == "results")
-        files.append(("documents", to_table(doc_rows, DOCUMENTS_SCHEMA), self.layout.data_file("documents", stem)))
+        files.append(("documents", self._with_rows(to_table(doc_rows, DOCUMENTS_SCHEMA),
+                                                   [s.work.manifest_row for s in sources]),
+                      self.layout.data_file("documents", stem)))
         files.extend(r for r in rewrites if r[0] == "documents")
         for i, (table, content, final) in enumerate(files):
             if content is None or content.num_rows == 0:
@@ -153,6 +165,10 @@ class Publisher:
         intent = {"version": 1, "attempt": self.attempt, "stem": stem, "staging": staged, "ops": ops,
                   "sources": len(sources), "decided_at": now.isoformat()}
         return intent, WindowStats(stem, len(sources), len(results_rows), len(rewrites)), doc_rows
+
+    def _with_rows(self, table: pa.Table, manifest_rows: list[int | None]) -> pa.Table:
+        """`table` with the pass-through columns of its rows' manifest rows appended (pipeline/rowdata.py)."""
+        return self.rows.attach(table, manifest_rows) if self.rows is not None else table
 
     def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, pa.Table | None, str]]]:
         """For re-published sources: their earlier rows of tasks not redone (moved into this window),
@@ -171,11 +187,12 @@ class Publisher:
                 t = read_table(uri, st)
                 if t is None:
                     continue
-                schema = RESULTS_SCHEMA if table == "results" else DOCUMENTS_SCHEMA
-                t = conform(t, schema)  # files of an older minor schema version gain the new columns
+                # Files of an older minor schema version gain the new columns; the pass-through columns
+                # of the sources left in the file stay (they are re-attached to the moved rows).
+                t = conform(t, self.schemas[table])
                 mask = pc.is_in(t.column("source_id"), value_set=ids)
                 if table == "results":
-                    for row in t.filter(mask).to_pylist():
+                    for row in conform(t.filter(mask), RESULTS_SCHEMA).to_pylist():
                         if row["task"] not in redo[row["source_id"]]:
                             moved[row["source_id"]].append(row)
                 rest = t.filter(pc.invert(mask))

@@ -79,11 +79,49 @@ class InputConfig(_Model):
     )
     manifest_column: str = Field("uri", description="Column of the manifest that holds the URIs.")
     max_sources: int | None = Field(None, ge=1, description="Stop after this many sources (sampling runs).")
+    prompt_column: str | None = Field(
+        None, description="Column of the manifest holding a per-row prompt for that row's source: plain text, or a "
+        "template whose `{column}` fields are filled from the same row (`{{`/`}}` for literal braces). It replaces "
+        "every task's prompt for that source; an empty or null cell keeps the task's own prompt. A template naming "
+        "a column the manifest lacks, or a null cell, makes that source an error row `prompt_template` "
+        "(pipeline/rowdata.py). The prompt enters the results' prompt_version, fingerprint and `prompt` columns."
+    )
+    pass_through: list[str] = Field(
+        default_factory=list, description="Manifest columns copied to every results and documents row of the "
+        "row's source, with their Arrow types (CSV/JSON: as pyarrow infers them), appended after our own columns: "
+        "join keys for enriching a data lake. Names must not clash with our columns (`cpmv schema --output`)."
+    )
+    dedup: Literal["none", "content"] = Field(
+        "none", description="`content`: sources with identical bytes (sha256, computed as they are read) are "
+        "inferred once per run and set of tasks (and per-row prompt); every other copy gets the inferred rows with "
+        "its own source_uri/source_id and `dedup_of` naming the source they were inferred from (pipeline/dedup.py)."
+    )
 
     @model_validator(mode="after")
     def _some_input(self) -> "InputConfig":
         if not self.uris and not self.manifest:
             raise ValueError("set `input.uris` (a list of URIs/globs) or `input.manifest` (a file of URIs)")
+        return self
+
+    @field_validator("pass_through")
+    @classmethod
+    def _own_names(cls, names: list[str]) -> list[str]:
+        from schemas.records import DOCUMENTS_SCHEMA, STREAM_SCHEMA
+
+        ours = set(STREAM_SCHEMA.names) | set(DOCUMENTS_SCHEMA.names)
+        clash = [c for c in names if c in ours]
+        if clash:
+            raise ValueError(f"{', '.join(map(repr, clash))} clash with the pipeline's own output columns "
+                             "(`cpmv schema --output`); rename the manifest column(s)")
+        dupes = sorted({c for c in names if names.count(c) > 1})
+        if dupes:
+            raise ValueError(f"{', '.join(map(repr, dupes))} listed more than once")
+        return names
+
+    @model_validator(mode="after")
+    def _row_columns(self) -> "InputConfig":
+        if (self.prompt_column or self.pass_through) and not self.manifest:
+            raise ValueError("input.prompt_column and input.pass_through read the manifest: set input.manifest")
         return self
 
 

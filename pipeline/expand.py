@@ -46,6 +46,8 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
         "error_type": None,
         "error_message": None,
         "preprocess_ms": None,
+        "prompt": src.get("prompt"),
+        "content_hash": src.get("content_hash"),
     }
     row.update(extra)
     return row
@@ -53,10 +55,12 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
 
 def end_marker(src: dict[str, Any], expected_rows: int) -> dict[str, Any]:
     """The row that closes a source's units: it carries the number of result rows (unit x task) the
-    engine stage makes from them. It follows the source's last unit; blocks may reorder it."""
+    engine stage makes from them. It follows the source's last unit; blocks may reorder it. A
+    duplicate's marker (input.dedup) names its claimant in `dedup_of` and expects no rows."""
     from schemas.records import EXPECTED_ROWS, MARKER_KIND
 
-    return _source_row(src, None, tasks=[], unit_kind=MARKER_KIND, **{EXPECTED_ROWS: expected_rows})
+    return _source_row(src, None, tasks=[], unit_kind=MARKER_KIND, dedup_of=src.get("dedup_of"),
+                       **{EXPECTED_ROWS: expected_rows})
 
 
 def _result_rows(item: Any) -> int:
@@ -189,16 +193,22 @@ class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
     def __init__(self, job: JobConfig, pixel_budget: int, task_kinds: dict[str, list[str]], family: str,
-                 actor: bool = False, state_uri: str | None = None, end_markers: bool = False):
+                 actor: bool = False, state_uri: str | None = None, end_markers: bool = False,
+                 dedup_registry: str | None = None):
         """`actor`: this process is a preprocess actor of its own (Ray's), whose output Ray buffers per
         block: tune the process for that (pipeline/memory.py). Never in a caller's process (inspect).
         `end_markers`: close each source with its end marker (`end_marker`), for the run's driver.
         `state_uri`: where the watchdog records the units it stopped this process on (a directory or
         prefix, local or s3://), and where this process, restarted, reads them to turn those units
         into error rows (pipeline/watchdog.py). With `actor` and a `state_uri` a stuck or oversized
-        unit kills the process; without a `state_uri` only the cooperative source deadline applies."""
+        unit kills the process; without a `state_uri` only the cooperative source deadline applies.
+        `dedup_registry`: the name of the run's content registry actor (input.dedup content, with
+        `end_markers`): a source whose bytes another source claimed first yields only its end
+        marker, naming that source (pipeline/dedup.py)."""
+        from pipeline.dedup import Claimer
         from pipeline.watchdog import Watchdog
 
+        self._claimer = Claimer(dedup_registry) if dedup_registry and end_markers else None
         self.actor = actor
         self.end_markers = end_markers
         self._watchdog = Watchdog(job.limits, state_uri, job.storage, kill=actor)
@@ -278,6 +288,11 @@ class ExpandSource:
         from pipeline.media.identify import identify
 
         t0 = time.perf_counter()
+        if src.get("prompt_error"):  # its per-row prompt could not be made (pipeline/rowdata.py): not read
+            from pipeline.rowdata import PROMPT_ERROR
+
+            yield _source_row(src, None, error_type=PROMPT_ERROR, error_message=src["prompt_error"]), 0
+            return
         if not guard.enter(-1, timed=False) or guard.recorded(-1):
             # A worker was stopped on this source before its first unit (reading or opening it).
             rec = guard.recorded(-1) or guard.stop_record
@@ -297,6 +312,15 @@ class ExpandSource:
         if not data:
             yield _source_row(src, "unknown", error_type="empty_file", error_message="the file is empty (0 bytes)"), 0
             return
+        if self._claimer is not None:
+            from pipeline.dedup import content_hash, content_key
+
+            src["content_hash"] = content_hash(data)  # `src` is __call__'s dict: its end marker sees these
+            owner = self._claimer.claim(content_key(src["content_hash"], src["tasks"], src.get("prompt")),
+                                        src["source_id"])
+            if owner != src["source_id"]:
+                src["dedup_of"] = owner  # identical bytes, same work: that source's rows stand for these
+                return
         identity = identify(data)
         media_type = identity.media_type
         if media_type == "audio":

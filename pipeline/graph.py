@@ -16,20 +16,21 @@ from pipeline.resources import StagePlan
 
 
 def build_plan(job: JobConfig, sources: list[dict[str, Any]], ctx: RunContext, plan: StagePlan,
-               pixel_budget: int, state_uri: str | None = None) -> Any:
+               pixel_budget: int, state_uri: str | None = None, dedup_registry: str | None = None) -> Any:
     """Return the (lazy) results stream for `sources` (rows with source_uri, source_id, size, tasks):
     blocks of schemas.records.STREAM_SCHEMA, result rows plus each source's end marker.
 
     `state_uri`: where preprocess workers record the units they were stopped on (pipeline/watchdog.py).
+    `dedup_registry`: the run's content registry actor (input.dedup content; pipeline/dedup.py).
     """
     import ray.data
 
     ds = ray.data.from_items(sources, override_num_blocks=plan.num_source_blocks)
-    return apply_stages(ds, job, ctx, plan, pixel_budget, state_uri)
+    return apply_stages(ds, job, ctx, plan, pixel_budget, state_uri, dedup_registry)
 
 
 def apply_stages(ds: Any, job: JobConfig, ctx: RunContext, plan: StagePlan, pixel_budget: int,
-                 state_uri: str | None = None) -> Any:
+                 state_uri: str | None = None, dedup_registry: str | None = None) -> Any:
     """The pipeline's stages (expand on CPU actors, then the engine pool) applied to a Ray Dataset of
     source rows (source_uri, source_id, size, tasks); the stream `build_plan` describes."""
     task_kinds = {name: sorted(t.unit_kinds) for name, t in ctx.tasks.items()}
@@ -37,7 +38,7 @@ def apply_stages(ds: Any, job: JobConfig, ctx: RunContext, plan: StagePlan, pixe
         ExpandSource,
         fn_constructor_kwargs={"job": job, "pixel_budget": pixel_budget, "task_kinds": task_kinds,
                                "family": ctx.family, "actor": True, "state_uri": state_uri,
-                               "end_markers": True},
+                               "end_markers": True, "dedup_registry": dedup_registry},
         batch_size=1,  # one source per call: a slow PDF never holds up a batch of others
         batch_format="pyarrow",
         **plan.preprocess,

@@ -105,9 +105,8 @@ class InferStage:
         if self.context_limit is None:
             return None
         m = self.job.model
-        hint = unit["text_layer"] if unit["tile_index"] is None else None
         count = getattr(self.engine, "count_text_tokens", None)
-        text_tokens = estimate_text_tokens(task.prompt_for(hint), count)
+        text_tokens = estimate_text_tokens(self._prompt(unit, task), count)
         is_clip = unit["unit_kind"] == "clip"
         # Re-slicing needs an engine that takes max_slice_nums per request (vLLM's `minicpmv` does not).
         reslice = self.job.engine.reslice_on_overflow and bool(
@@ -187,16 +186,26 @@ class InferStage:
             k: v for k, v in (("max_slice_nums", m.max_slice_nums), ("use_image_id", m.use_image_id),
                               ("downsample_mode", m.downsample_mode)) if v is not None
         }
-        # A tile shows part of a page: the whole page's text layer would mislead it, so no hint.
-        hint = unit["text_layer"] if unit["tile_index"] is None else None
         stack = None
         if unit_layout(unit, self.job.video.max_frames_per_clip) is not None:
             stack = VideoStack(n=unit["stack_frames"], duration_s=unit["end_s"] - unit["start_s"],
                                max_num_frames=self.job.video.max_frames_per_clip)
         return Request(
-            prompt=task.prompt_for(hint), images=frames, is_video=unit["unit_kind"] == "clip",
+            prompt=self._prompt(unit, task), images=frames, is_video=unit["unit_kind"] == "clip",
             max_new_tokens=task.max_new_tokens, temperature=task.temperature, processor_kwargs=opts, stack=stack,
         )
+
+    @staticmethod
+    def _prompt(unit: dict[str, Any], task: ResolvedTask) -> str:
+        """The unit's prompt: its source's per-row prompt (input.prompt_column) or the task's, with the
+        text-layer hint when the task asks for one."""
+        import dataclasses
+
+        # A tile shows part of a page: the whole page's text layer would mislead it, so no hint.
+        hint = unit["text_layer"] if unit["tile_index"] is None else None
+        if unit.get("prompt"):
+            return dataclasses.replace(task, prompt=unit["prompt"]).prompt_for(hint)
+        return task.prompt_for(hint)
 
     def _generate(self, requests: list[Request]) -> list[Reply]:
         """Run a batch; if the batch raises, retry each request alone so one bad unit fails alone.
@@ -299,9 +308,10 @@ class InferStage:
         return {"schema_version": SCHEMA_VERSION, "run_id": self.ctx.run_id, "source_uri": unit["source_uri"],
                 "source_id": unit["source_id"], "unit_index": -1, "unit_kind": MARKER_KIND, "task": "",
                 "status": MARKER_KIND, "model": self.ctx.model_id, "prompt_version": "", "fingerprint": "",
-                "created_at": now, EXPECTED_ROWS: unit[EXPECTED_ROWS]}
+                "created_at": now, EXPECTED_ROWS: unit[EXPECTED_ROWS], "dedup_of": unit.get("dedup_of")}
 
     def _row(self, unit: dict[str, Any], task: ResolvedTask, now: datetime, status: str, **extra: Any) -> dict[str, Any]:
+        from pipeline.rowdata import row_fingerprint, row_prompt_version
         from schemas.records import SCHEMA_VERSION
 
         c = self.ctx
@@ -317,7 +327,11 @@ class InferStage:
             "text_layer_quality": unit["text_layer_quality"],
             "flags": unit["flags"], "preprocess_ms": unit["preprocess_ms"],
             "model": c.model_id, "model_family": c.family, "engine": c.engine,
-            "prompt_version": task.prompt_version, "fingerprint": c.fingerprints[task.name], "created_at": now,
+            "prompt_version": row_prompt_version(task.prompt_version, unit.get("prompt")),
+            "fingerprint": row_fingerprint(c.fingerprints[task.name], unit.get("prompt")), "created_at": now,
+            # the text the engine was given, where a per-row prompt made it (pipeline/rowdata.py)
+            "prompt": self._prompt(unit, task) if unit.get("prompt") else None,
+            "content_hash": unit.get("content_hash"),
         }
         row.update(extra)
         return row

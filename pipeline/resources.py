@@ -256,3 +256,10 @@ def _tp_placement(tp: int, cpus: float):
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
 
     return remote_args
+
+
+def registry_options() -> dict[str, Any]:
+    """Ray options of the run's content registry actor (input.dedup content; pipeline/dedup.py): no
+    CPU reserved (one dict lookup per source, it must never wait behind the stages' actors), and no
+    restarts: a restarted registry would have forgotten its claims (sources then infer themselves)."""
+    return {"num_cpus": 0, "max_restarts": 0}

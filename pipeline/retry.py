@@ -36,6 +36,7 @@ PERMANENT: frozenset[str] = frozenset({
     "image_too_large",
     "video_decode_failed", "clip_decode_failed", "frame_decode_failed", "video_too_long",
     "preprocess_failed", "prompt_too_long", "page_timeout", "source_timeout", "worker_memory",
+    "prompt_template",  # the manifest row's per-row prompt: fixing it changes the fingerprint (redone anyway)
     # Replies that failed the reply checks (pipeline/checks.py) after the task's retries: the same model and
     # input give the same greedy reply and the same temperature schedule again, so a rerun would spend the
     # engine on the same failure. Redo them after changing what decides them: a new max_new_tokens, prompt or

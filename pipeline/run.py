@@ -152,11 +152,11 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     }
     with Lease(layout, attempt):
         _take_over(layout, attempt, summary)
-        work = _plan_work(job, layout, fps, retry, summary)
+        work, rows = _plan_work(job, layout, fps, retry, summary)
         _write_record(layout, record)
         t_plan = time.perf_counter()
         publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression,
-                                     max_failed_unit_share=job.documents.max_failed_unit_share)
+                                     max_failed_unit_share=job.documents.max_failed_unit_share, rows=rows)
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,
@@ -198,13 +198,17 @@ def _take_over(layout: Any, attempt: str, summary: RunSummary) -> None:
 
 
 def _plan_work(job: JobConfig, layout: Any, fps: dict[str, str], retry: RetryPolicy,
-               summary: RunSummary) -> dict[str, Any]:
-    """The sources this run processes (source_id -> SourceWork), looked up in chunks."""
+               summary: RunSummary) -> tuple[dict[str, Any], Any]:
+    """The sources this run processes (source_id -> SourceWork), looked up in chunks, and the
+    manifest's per-row data (pipeline/rowdata.py RowData)."""
     from pipeline import sink
     from pipeline.collect import SourceWork
-    from pipeline.sources import discover
+    from pipeline import rowdata
+    from pipeline.sources import discover, read_manifest_table
 
-    sources = discover(job.input, job.storage)
+    manifest = read_manifest_table(job.input.manifest, job.storage) if job.input.manifest else None
+    sources = discover(job.input, job.storage, manifest=manifest)
+    rows = rowdata.load(job.input, manifest, "the manifest")
     index = sink.CommittedIndex.load(layout)
     work: dict[str, SourceWork] = {}
     retried: Counter[str] = Counter()
@@ -212,22 +216,25 @@ def _plan_work(job: JobConfig, layout: Any, fps: dict[str, str], retry: RetryPol
         chunk = sources[i:i + LOOKUP_CHUNK]
         states = index.lookup([s.source_id for s in chunk])
         for s in chunk:
-            state = sink.with_legacy_commitments(states.get(s.source_id), fps)
-            need = sink.tasks_to_do(state, fps, retry)
+            prompt, prompt_error = rows.prompt(s.manifest_row)
+            own = {t: rowdata.row_fingerprint(fp, prompt) for t, fp in fps.items()}
+            state = sink.with_legacy_commitments(states.get(s.source_id), own)
+            need = sink.tasks_to_do(state, own, retry)
             if not need:
                 continue
             if state is not None:
                 for f in state["failures"] or []:
                     if f["task"] in need and retry.retries(f["error_type"]):
                         retried[f["error_type"]] += 1
-            work[s.source_id] = SourceWork(s.uri, s.source_id, s.size, tuple(need), sink.prior_of(state))
+            work[s.source_id] = SourceWork(s.uri, s.source_id, s.size, tuple(need), sink.prior_of(state),
+                                           s.manifest_row, prompt, prompt_error)
     summary.retried.update(retried)
     summary.counts.update(sources=len(sources), skipped_committed=len(sources) - len(work), processed=len(work),
                           retried_sources=sum(1 for w in work.values() if w.prior is not None))
     log.info("run %s: %d sources, %d already committed, %d to process (%d re-run: %s)", summary.attempt,
              len(sources), len(sources) - len(work), len(work), summary.counts["retried_sources"],
              dict(retried) or "new tasks")
-    return work
+    return work, rows
 
 
 _END = object()
@@ -262,11 +269,18 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
     engine = engine or resolve_kind("auto", family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     ctx = RunContext(summary.run_id, model_id, family, engine, tasks, fps)
-    collector = Collector(work, observe=stats.rows)
+    dedup = job.input.dedup == "content"
+    registry = None  # held for the run: the actor lives while this handle does
+    if dedup:
+        from pipeline.dedup import start_registry
+
+        registry = start_registry(f"cpmv-dedup-{attempt}", resources.registry_options())
+    collector = Collector(work, observe=stats.rows, dedup=dedup)
     window = _Window(publisher, job.output, summary, stats)
     remaining = dict(work)
     for restart in range(job.ray.plan_restarts + 1):
-        failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop, meter)
+        failure = _run_plan(job, remaining, ctx, cluster, attempt, layout, collector, window, stop, meter,
+                            dedup_registry=f"cpmv-dedup-{attempt}" if registry is not None else None)
         if failure is None or stop.is_set():
             break
         remaining = {sid: w for sid, w in remaining.items() if not collector.is_done(sid)}
@@ -287,6 +301,9 @@ def _stream(job: JobConfig, work: dict[str, Any], family: str, model_id: str, en
         window.add(drained)
         window.add([lost(w) for w in collector.never_seen()])
     summary.counts["duplicates_dropped"] = collector.duplicates
+    if collector.dedup is not None:  # input.dedup content: copies made instead of inference
+        book = collector.dedup
+        summary.counts.update(dedup_sources=book.sources, dedup_rows_copied=book.rows, dedup_units_saved=book.units)
     summary.counts["unpublished_in_flight"] = collector.in_flight()
     window.flush()
     meter.tick(force=True)
@@ -332,7 +349,8 @@ class _Window:
 
 
 def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str, float], attempt: str,
-              layout: Any, collector: Any, window: _Window, stop: StopRequest, meter: Any) -> BaseException | None:
+              layout: Any, collector: Any, window: _Window, stop: StopRequest, meter: Any,
+              dedup_registry: str | None = None) -> BaseException | None:
     """One Ray Data plan over `work`, its output consumed on the driver; the plan's failure or None."""
     from pipeline import resources
     from pipeline.graph import build_plan
@@ -345,7 +363,7 @@ def _run_plan(job: JobConfig, work: dict[str, Any], ctx: Any, cluster: dict[str,
     spec = get_family(ctx.family)
     budget = pixel_budget(spec, job.model.max_slice_nums or spec.image_max_slice_nums)
     ds = build_plan(job, [w.item() for w in work.values()], ctx, plan, budget,
-                    state_uri=layout.staging(attempt, "timeouts"))
+                    state_uri=layout.staging(attempt, "timeouts"), dedup_registry=dedup_registry)
     # No prefetch: with 2, Ray 2.60 hands over a block only once two more are ready, which held
     # finished results back from the commit windows (bench/resume.py). The plan itself still runs
     # ahead; the queue only decouples the driver's commits from Ray's iterator.

@@ -199,6 +199,7 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
     this run, so the next run redoes them.
     """
     w = src.work
+    fingerprints = w.fingerprints(fingerprints)  # a per-row prompt makes them this source's own
     base = {"schema_version": SCHEMA_VERSION, "run_id": run_id, "attempt": attempt, "source_uri": w.uri,
             "source_id": w.source_id, "size_bytes": w.size, "created_at": now}
     kept = {t: fp for t, fp in (w.prior.committed if w.prior else ()) if t not in w.tasks}
@@ -248,7 +249,9 @@ def document_row(src: Complete, fingerprints: dict[str, str], attempt: str, run_
             "units_failed": units_failed, "results_ok": c["ok"], "results_failed": c["error"], "status": status,
             "error_type": etype, "error_message": emsg, "tasks": sorted(d["tasks"]),
             "fingerprints": sorted(kept.values()), "committed": committed, "failures": failures,
-            "flags": sorted(flags), "text": text}
+            "flags": sorted(flags), "text": text, "content_hash": next((r.get("content_hash") for r in rows
+                                                                        if r.get("content_hash")), None),
+            "dedup_of": next((r.get("dedup_of") for r in rows if r.get("dedup_of")), None)}
 
 
 # Unit flags saying frames of the source were left out (pipeline/media/image.py SKIPPED_FRAME_FLAGS;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,6 +42,8 @@ class Source:
     size: int | None
     etag: str | None
     mtime: str | None
+    # the first manifest row naming it (per-row prompt, pass-through columns); not part of the file's identity
+    manifest_row: int | None = field(default=None, compare=False)
 
 
 def source_id(uri: str, etag: str | None, size: int | None, mtime: str | None) -> str:
@@ -53,15 +55,26 @@ def source_id(uri: str, etag: str | None, size: int | None, mtime: str | None) -
     return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:32]
 
 
-def discover(cfg: InputConfig, storage: StorageConfig) -> list[Source]:
-    """Every source named by `cfg.uris` and `cfg.manifest`, deduplicated, sorted, capped."""
+def discover(cfg: InputConfig, storage: StorageConfig, manifest: pa.Table | None = None) -> list[Source]:
+    """Every source named by `cfg.uris` and `cfg.manifest`, deduplicated, sorted, capped.
+
+    `manifest`: the manifest's table when the caller has read it already (`read_manifest_table`).
+    A source named by a manifest row carries that row's index (`manifest_row`; the first row naming
+    it; every file under a directory/prefix entry carries the entry's row).
+    """
     found: dict[str, Source] = {}
     for entry in cfg.uris:
         for src in expand(entry, storage):
             found.setdefault(src.uri, src)
     if cfg.manifest:
-        for src in _resolve_many(read_manifest(cfg.manifest, cfg.manifest_column, storage), storage):
-            found.setdefault(src.uri, src)
+        table = manifest if manifest is not None else read_manifest_table(cfg.manifest, storage)
+        uris = manifest_uris(table, cfg.manifest, cfg.manifest_column)
+        first: dict[str, int] = {}
+        for i, u in enumerate(uris):
+            first.setdefault(u, i)
+        for entry, src in _resolve_entries(uris, storage):
+            if src.uri not in found or found[src.uri].manifest_row is None:
+                found[src.uri] = replace(src, manifest_row=first[entry])
     sources = [found[uri] for uri in sorted(found)]
     return sources[: cfg.max_sources] if cfg.max_sources else sources
 
@@ -154,10 +167,19 @@ def _mtime(info: dict[str, Any]) -> str | None:
 
 def read_manifest(uri: str, column: str, storage: StorageConfig) -> list[str]:
     """The URIs in column `column` of a Parquet, CSV or JSONL manifest (optionally compressed)."""
+    return manifest_uris(read_manifest_table(uri, storage), uri, column)
+
+
+def read_manifest_table(uri: str, storage: StorageConfig) -> pa.Table:
+    """The whole manifest as read (Parquet types as stored; CSV/JSONL types as pyarrow infers them)."""
     fs, path = st.get_fs(uri, storage)
     if not fs.exists(path):
         raise NoMatchError(f"manifest {st.redact(uri)!r} does not exist")
-    table = _read_table(fs, path, uri)
+    return _read_table(fs, path, uri)
+
+
+def manifest_uris(table: pa.Table, uri: str, column: str) -> list[str]:
+    """The URIs in column `column` of a manifest's table, one per row (stripped; blanks are an error)."""
     if column not in table.column_names:
         raise ValueError(
             f"manifest {st.redact(uri)!r} has no column {column!r} (input.manifest_column); "
@@ -193,6 +215,11 @@ def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
 
     Entries are exact object names: `[`, `*` and `?` in them are characters, never patterns.
     """
+    return [src for _, src in _resolve_entries(uris, storage)]
+
+
+def _resolve_entries(uris: list[str], storage: StorageConfig) -> list[tuple[str, Source]]:
+    """`_resolve_many` with the manifest entry that named each source: (entry, source) pairs."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
     rest: list[str] = []
     for uri in dict.fromkeys(uris):  # dedupe, keep order
@@ -201,7 +228,7 @@ def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
             rest.append(uri)
         else:
             by_parent[(id(fs), posixpath.dirname(path))].append((uri, path))
-    out: list[Source] = []
+    out: list[tuple[str, Source]] = []
     for (_, parent), entries in by_parent.items():
         if len(entries) < _LIST_PARENT_FROM:
             rest.extend(uri for uri, _ in entries)
@@ -211,11 +238,11 @@ def _resolve_many(uris: list[str], storage: StorageConfig) -> list[Source]:
         for uri, path in entries:
             info = listing.get(path)
             if info is not None and _is_file(path, info):
-                out.append(_source(fs, path, info))
+                out.append((uri, _source(fs, path, info)))
             else:
                 rest.append(uri)  # a directory, or absent: expand() recurses or names it
     for uri in rest:
-        out.extend(expand(uri, storage, exact=True))
+        out.extend((uri, src) for src in expand(uri, storage, exact=True))
     return out
 
 

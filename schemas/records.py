@@ -69,6 +69,13 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("tables", TABLES_TYPE),  # tables of `table` and `ocr` replies as data (pipeline/tables.py)
         pa.field("latency_ms", pa.float64()),  # from handing the unit to the engine to its reply (a batch: the call)
         pa.field("batch_units", pa.int32()),  # requests handed to the engine together with this one
+        # Per-row prompt (input.prompt_column): the prompt text the engine was given, hint included; null when
+        # the task's own prompt was used (prompt_version names it then).
+        pa.field("prompt", pa.string()),
+        # input.dedup content: sha256 of the source's bytes, and the source_uri of the source whose inference
+        # these rows copy (null: inferred for this source itself)
+        pa.field("content_hash", pa.string()),
+        pa.field("dedup_of", pa.string()),
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -102,6 +109,8 @@ DOCUMENTS_SCHEMA = pa.schema(
         pa.field("text", pa.string()),  # OCR text of all pages in order (PDFs), for whole-document use
         pa.field("attempt", pa.string()),  # the run attempt that published this row (file names carry it)
         pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("content_hash", pa.string()),  # input.dedup content: sha256 of the source's bytes
+        pa.field("dedup_of", pa.string()),  # the source_uri whose inference this source's rows copy
     ],
     metadata={"cpmv.table": "documents", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -167,5 +176,9 @@ UNITS_SCHEMA = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("preprocess_ms", pa.float64()),
         pa.field("_expected_rows", pa.int32()),  # end-of-source markers only (EXPECTED_ROWS)
+        pa.field("prompt", pa.string()),  # the source's per-row prompt (input.prompt_column), null: the task's
+        pa.field("content_hash", pa.string()),  # input.dedup content
+        # end markers of a duplicate only: the source_id whose units stand for this source's (pipeline/dedup.py)
+        pa.field("dedup_of", pa.string()),
     ]
 )
