@@ -76,11 +76,12 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import JobConfig
 
     if args.output:
+        from pipeline.partitions import describe
         from schemas.records import SCHEMA_VERSION, TABLES
 
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tables": {
             name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
-            for name, schema in TABLES.items()}}, indent=2))
+            for name, schema in TABLES.items()}, "layout": describe()}, indent=2))
         return 0
     print(json.dumps(JobConfig.model_json_schema(), indent=2))
     return 0
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
     sch.add_argument("--output", action="store_true", help="print the output tables' Parquet schemas instead "
-                     "(results/, documents/: column, type, nullable)")
+                     "(results/, documents/: column, type, nullable) and the layout (partitions, file sets)")
     sch.set_defaults(func=_cmd_schema)
 
     models = sub.add_parser("models", help="model utilities")

@@ -86,14 +86,17 @@ def restore(table: pa.Table, values: dict[str, str], schema: pa.Schema) -> pa.Ta
     return table
 
 
-def describe(partition_by: tuple[str, ...] | list[str] = ()) -> dict[str, object]:
-    """The output layout, for `cpmv schema --output`."""
+def describe() -> dict[str, object]:
+    """The output layout, for `cpmv schema --output` (pipeline/sink.py has the whole list)."""
     return {
-        "tables": "results/ and documents/ under the output root; read one table directory at a time",
-        "file": "<table>/[<key>=<value>/...]<stem>.parquet; names starting with _ (run records, commits, staging) "
-                "are not tables and Parquet readers skip them",
+        "tables": "results/ and documents/ under the output root: read one table directory at a time, e.g. "
+                  "pd.read_parquet('OUT/results'), duckdb read_parquet('OUT/results/**/*.parquet', "
+                  "hive_partitioning=true), spark.read.parquet('s3a://bucket/OUT/results')",
+        "file": "<table>/[<key>=<value>/...]<stem>.parquet; names starting with _ (run records, commits, staging, "
+                "_tail.json) are not tables and Parquet readers skip them",
         "partition_keys": {t: list(k) for t, k in KEYS.items()},
-        "partition_columns": "left out of the files and read back from the directory names (hive partitioning); "
-                             f"a null value is '{NULL}'; date is the UTC day of created_at",
-        "partition_by": {t: list(table_keys(partition_by, t)) for t in KEYS},
+        "partition_columns": "with output.partition_by, left out of the files and read from the directory names "
+                             f"(hive partitioning); a null value is '{NULL}'; date is the UTC day of created_at",
+        "file_sets": "the files of one <stem> hold whole sources; with output.min_rows_per_file, commit windows "
+                     "are appended to the open set until it holds that many result rows",
     }
