@@ -220,7 +220,8 @@ class Publisher:
             # The open set is part of the commit, so a rolled-forward window also names it.
             tail = (target, held + len(results_rows))
             path = storage.join(staged, "tail.json")
-            storage.write_bytes(path, json.dumps({"stem": tail[0], "rows": tail[1], "attempt": self.attempt}).encode(), st)
+            marker = {"stem": tail[0], "rows": tail[1], "attempt": self.attempt}
+            storage.write_bytes(path, json.dumps(marker).encode(), st)
             ops.append(["put", path, self.layout.tail_marker()])
         _fault("staged")
         intent = {"version": 1, "attempt": self.attempt, "stem": stem, "staging": staged, "ops": ops,
