@@ -5,7 +5,7 @@ environment it needs: engine_occupancy in the vLLM one (`.venv-vllm`, or $CPMV_V
 other in this interpreter's. cpu_per_gpu runs after the preprocessing ones (it reuses their generated
 inputs). A benchmark counts as done only when it exited 0 and wrote its JSON during this run; the
 end prints each one's status and JSON path. Times on 2 cores: preprocessing ~3 min each,
-commit_index ~1.5 min, resume ~5 min, scale ~10 min, engine_occupancy (1,000 requests, five
+commit_index ~1.5 min, resume ~5 min, scale ~10 min, file_sizes ~1.5 min, engine_occupancy (1,000 requests, five
 variants) over an hour on CPU.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ["preprocess_pdf", "preprocess_video", "cpu_per_gpu", "commit_index", "resume", "scale",
-              "engine_occupancy"]
+              "file_sizes", "engine_occupancy"]
 #: Benchmarks that run in the vLLM environment.
 VLLM = {"engine_occupancy"}
 

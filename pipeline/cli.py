@@ -76,6 +76,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import JobConfig
 
     if args.output:
+        from pipeline.partitions import describe
         from schemas.records import SCHEMA_VERSION, TABLES
 
         from pipeline.rowdata import PASS_THROUGH_NOTE, job_columns
@@ -87,7 +88,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
             return 2
         print(json.dumps({"schema_version": SCHEMA_VERSION, "tables": {
             name: [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema] + extra
-            for name, schema in TABLES.items()}, "pass_through": PASS_THROUGH_NOTE}, indent=2))
+            for name, schema in TABLES.items()}, "pass_through": PASS_THROUGH_NOTE, "layout": describe()}, indent=2))
         return 0
     print(json.dumps(JobConfig.model_json_schema(), indent=2))
     return 0
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("schema", help="print the job file JSON schema (every field with its description)")
     sch.add_argument("--output", action="store_true", help="print the output tables' Parquet schemas instead "
-                     "(results/, documents/: column, type, nullable)")
+                     "(results/, documents/: column, type, nullable) and the layout (partitions, file sets)")
     sch.add_argument("--job", help="with --output: also list this job's pass-through columns (input.pass_through), "
                      "typed as its manifest says")
     sch.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

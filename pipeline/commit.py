@@ -19,6 +19,20 @@ without its documents row; once the commit is applied, every (source_id, unit_in
 task) appears exactly once. One run at a time holds the prefix (pipeline/lease.py), so at most one
 intent is pending at any time.
 
+Partitioned output (output.partition_by) changes only where files go: a window's file set is one file
+per partition and table, all named `<stem>.parquet`, and every put, rewrite and delete above is one
+operation per file as before.
+
+Appending (output.min_rows_per_file). Merging published small files into a new big one cannot be
+atomic on S3, where there is no multi-object operation: between writing the merged file and deleting
+the small ones a plain directory reader (`pd.read_parquet(dir)`, which has no manifest to consult)
+would see rows twice, and in the other order it would miss them. So small files are never made in
+the first place: a window whose set would be small is written into the open set's files, each
+replaced by a staged copy holding its old rows plus the window's (step 3's replace, atomic per
+object). A reader sees each file either before or after the window, never a row twice; the open set
+is recorded in `_tail.json` by the same intent. The price is rewriting the open files once per
+window until they reach min_rows_per_file (bench/file_sizes.py measures it).
+
 Chosen over Delta Lake and Ray Data checkpointing: see the README ("Commits") and the issue note.
 """
 
@@ -35,16 +49,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import partitions, storage
 from pipeline.collect import Complete
-from pipeline.sink import Layout, document_row, read_table
-from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA, conform, to_table
+from pipeline.sink import Layout, document_row, read_rows, read_table, set_files
+from schemas.records import TABLES, conform, to_table
 
 log = logging.getLogger(__name__)
 
 #: Test hook: `CPMV_FAULT_COMMIT=<step>` kills the process (os._exit) at that step of the first
-#: window's commit, to prove recovery from each kill point. Steps: staged, decided, applied-results,
-#: applied, forgotten. Never set in production.
+#: window's commit (`<step>:<N>`: the N-th window's), to prove recovery from each kill point. Steps:
+#: staged, decided, applied-results, applied, forgotten. Never set in production.
 FAULT_ENV = "CPMV_FAULT_COMMIT"
 SHOWN = 20
 
@@ -55,13 +69,23 @@ class WindowStats:
     sources: int
     rows: int
     rewritten: int
+    file_set: str = ""  # the stem of the files written (the window's own, or the open set it was appended to)
+
+
+_reached: dict[str, int] = defaultdict(int)
 
 
 def _fault(step: str) -> None:
+    """`CPMV_FAULT_COMMIT=step` kills at the step's first occurrence (the first window's commit),
+    `step:N` at its N-th (the N-th window's: e.g. the first window appended to an open file set)."""
     import os
 
-    if os.environ.get(FAULT_ENV) == step:
-        log.error("fault injection: killing the driver at commit step %r", step)
+    want, _, nth = os.environ.get(FAULT_ENV, "").partition(":")
+    if want != step:
+        return
+    _reached[step] += 1
+    if _reached[step] == int(nth or 1):
+        log.error("fault injection: killing the driver at commit step %r (occurrence %d)", step, _reached[step])
         os._exit(137)
 
 
@@ -72,11 +96,18 @@ def _parquet_bytes(table: pa.Table, compression: str) -> bytes:
 
 
 class Publisher:
-    """Publishes windows of complete sources for one attempt (see the module docstring)."""
+    """Publishes windows of complete sources for one attempt (see the module docstring).
+
+    With `min_rows_per_file` (output.min_rows_per_file), a window whose file set would be small goes
+    into the open set instead (`tail`: the run's last set, or the one `_tail.json` names from an
+    earlier run) while that set holds fewer than `min_rows_per_file` result rows and stays within
+    `rows_per_file`: each of its files is replaced by a copy with the window's rows appended, one
+    atomic put per file (see "Appending" in the module docstring).
+    """
 
     def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
                  compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1,
-                 rows: Any = None):
+                 min_rows_per_file: int = 0, rows_per_file: int = 50_000, rows: Any = None):
         """`rows`: the manifest's per-row data (pipeline/rowdata.py RowData): its pass-through columns
         are appended to every results and documents file, so every file of a prefix has one schema."""
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
@@ -87,12 +118,26 @@ class Publisher:
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
         self.max_failed_unit_share = max_failed_unit_share  # documents.max_failed_unit_share
+        self.min_rows, self.max_rows = min_rows_per_file, rows_per_file
         self.window = 0  # windows published
-        self._decided: tuple[dict[str, Any], WindowStats, list[dict[str, Any]]] | None = None  # staged, not applied
+        # staged, not applied: (intent, stats, documents rows, the open file set after it)
+        self._decided: tuple[dict[str, Any], WindowStats, list[dict[str, Any]], tuple[str, int] | None] | None = None
+        self.tail: tuple[str, int] | None = self._adopt() if min_rows_per_file else None  # (set stem, result rows)
         self.counts: dict[str, int] = defaultdict(int)  # documents by status, units, results ok/failed
         self.errors: dict[str, int] = defaultdict(int)  # failed result rows by error type
         self.flags: dict[str, int] = defaultdict(int)  # documents by flag (pdf_repaired, ...)
         self.shown: list[dict[str, Any]] = []  # the first SHOWN documents rows (no text), for the summary
+
+    def _adopt(self) -> tuple[str, int] | None:
+        """The file set an earlier run left open (`_tail.json`, written by its last commit), if any."""
+        try:
+            marker = json.loads(storage.read_bytes(self.layout.tail_marker(), self.layout.storage, max_bytes=2**16))
+            return str(marker["stem"]), int(marker["rows"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as err:  # a damaged marker only costs a new file set
+            log.warning("ignoring %s: %s", self.layout.tail_marker(), err)
+            return None
 
     def publish(self, sources: list[Complete]) -> WindowStats | None:
         """Commit one window (nothing when `sources` is empty).
@@ -105,7 +150,7 @@ class Publisher:
             return None
         if self._decided is None:
             self._decided = self._stage(sources, self.window + 1)
-        intent, stats, doc_rows = self._decided
+        intent, stats, doc_rows, tail = self._decided
         # 2. decide
         storage.write_bytes(self.layout.intent(intent["stem"]), json.dumps(intent).encode(), self.layout.storage)
         _fault("decided")
@@ -113,6 +158,7 @@ class Publisher:
         apply(self.layout, intent)
         self._decided = None
         self.window += 1
+        self.tail = tail
         for d in doc_rows:
             if len(self.shown) < SHOWN:
                 self.shown.append({k: v for k, v in d.items() if k != "text"})
@@ -127,12 +173,21 @@ class Publisher:
         self.counts["windows"] += 1
         return stats
 
-    def _stage(self, sources: list[Complete], window: int) -> tuple[dict[str, Any], WindowStats, list[dict[str, Any]]]:
+    def _target(self, stem: str, rows: int) -> tuple[str, int]:
+        """(the file set this window writes, result rows it holds already): the open set while it is
+        under min_rows_per_file and the window fits within rows_per_file, else a new set `stem`."""
+        if self.tail is not None and self.tail[1] < self.min_rows and self.tail[1] + rows <= self.max_rows:
+            return self.tail
+        return stem, 0
+
+    def _stage(self, sources: list[Complete], window: int
+               ) -> tuple[dict[str, Any], WindowStats, list[dict[str, Any]], tuple[str, int] | None]:
         """Step 1: write the window's files under staging; return the intent that publishes them."""
         stem = f"{self.attempt}-w{window:05d}"
         st = self.layout.storage
         now = datetime.now(timezone.utc)
         moved, rewrites = self._supersede(sources)
+        rewritten = len(rewrites)
         results_rows: list[dict[str, Any]] = []
         doc_rows = []
         manifest_rows: list[int | None] = []  # per results row: its source's manifest row (pass-through)
@@ -143,60 +198,92 @@ class Publisher:
             manifest_rows.extend([src.work.manifest_row] * (len(mine) + len(src.rows)))
             doc_rows.append(document_row(src, self.fingerprints, self.attempt, self.run_id, now, self.with_text, mine,
                                          self.max_failed_unit_share))
+        target, held = self._target(stem, len(results_rows))
         staged = self.layout.staging(self.attempt, f"w{window:05d}")
+        # final uri -> (table, content or None to delete); results first, then documents (readers
+        # see a source's results before its documents row, never a documents row without results)
+        files: dict[str, tuple[str, pa.Table | None]] = {}
+        row_of = {"results": manifest_rows, "documents": [s.work.manifest_row for s in sources]}
+        for table, rows in (("results", results_rows), ("documents", doc_rows)):
+            fschema = self._file_schema(table)
+            # pass-through columns are attached before the split: every file of the prefix has them
+            whole = self._with_rows(to_table(rows, TABLES[table]), row_of[table]) if rows else None
+            parts = partitions.split(whole, self.layout.keys(table)) if rows else {}
+            for part, piece in parts.items():
+                uri = self.layout.data_file(table, target, part)
+                piece = conform(piece, fschema)
+                if target != stem:  # appending: the file as it is now, or as this window rewrites it
+                    old = rewrites.pop(uri)[1] if uri in rewrites else self._read_file(uri, fschema)
+                    if old is not None:
+                        piece = pa.concat_tables([old, piece])
+                files[uri] = (table, piece)
+            files.update((u, r) for u, r in rewrites.items() if r[0] == table)
         ops: list[list[str]] = []
-        files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)
-        if results_rows:
-            files.append(("results", self._with_rows(to_table(results_rows, RESULTS_SCHEMA), manifest_rows),
-                          self.layout.data_file("results", stem)))
-        files.extend(r for r in rewrites if r[0] == "results")
-        files.append(("documents", self._with_rows(to_table(doc_rows, DOCUMENTS_SCHEMA),
-                                                   [s.work.manifest_row for s in sources]),
-                      self.layout.data_file("documents", stem)))
-        files.extend(r for r in rewrites if r[0] == "documents")
-        for i, (table, content, final) in enumerate(files):
+        for i, (final, (table, content)) in enumerate(files.items()):
             if content is None or content.num_rows == 0:
                 ops.append(["delete", final])
                 continue
             path = storage.join(staged, f"{i:04d}-{table}.parquet")
             storage.write_bytes(path, _parquet_bytes(content, self.compression), st)
             ops.append(["put", path, final])
+        tail = None
+        if self.min_rows:
+            # The open set is part of the commit, so a rolled-forward window also names it.
+            tail = (target, held + len(results_rows))
+            path = storage.join(staged, "tail.json")
+            marker = {"stem": tail[0], "rows": tail[1], "attempt": self.attempt}
+            storage.write_bytes(path, json.dumps(marker).encode(), st)
+            ops.append(["put", path, self.layout.tail_marker()])
         _fault("staged")
         intent = {"version": 1, "attempt": self.attempt, "stem": stem, "staging": staged, "ops": ops,
-                  "sources": len(sources), "decided_at": now.isoformat()}
-        return intent, WindowStats(stem, len(sources), len(results_rows), len(rewrites)), doc_rows
+                  "sources": len(sources), "decided_at": now.isoformat(), "file_set": target}
+        return intent, WindowStats(stem, len(sources), len(results_rows), rewritten, target), doc_rows, tail
 
     def _with_rows(self, table: pa.Table, manifest_rows: list[int | None]) -> pa.Table:
         """`table` with the pass-through columns of its rows' manifest rows appended (pipeline/rowdata.py)."""
         return self.rows.attach(table, manifest_rows) if self.rows is not None else table
 
-    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, pa.Table | None, str]]]:
+    def _file_schema(self, table: str) -> pa.Schema:
+        """What a file of `table` holds: our columns and the pass-through ones, less the partition keys."""
+        return partitions.file_schema(self.schemas[table], self.layout.keys(table))
+
+    def _read_file(self, uri: str, fschema: pa.Schema) -> pa.Table | None:
+        t = read_table(uri, self.layout.storage)
+        return None if t is None else conform(t, fschema)
+
+    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple[str, pa.Table | None]]]:
         """For re-published sources: their earlier rows of tasks not redone (moved into this window),
-        and the rewritten earlier files without them (None: nothing left, delete)."""
+        and the rewritten earlier files without them (final uri -> (table, content; None: nothing
+        left, delete)). Files of an earlier set that hold none of them are left alone."""
         by_stem: dict[str, dict[str, tuple[str, ...]]] = defaultdict(dict)
         for src in sources:
             if src.work.prior is not None:
                 by_stem[src.work.prior.stem][src.work.source_id] = src.work.tasks
         moved: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        rewrites: list[tuple[str, pa.Table | None, str]] = []
-        st = self.layout.storage
-        for old, redo in sorted(by_stem.items()):
-            ids = pa.array(sorted(redo), pa.string())
-            for table in ("results", "documents"):
-                uri = self.layout.data_file(table, old)
-                t = read_table(uri, st)
-                if t is None:
-                    continue
-                # Files of an older minor schema version gain the new columns; the pass-through columns
-                # of the sources left in the file stay (they are re-attached to the moved rows).
-                t = conform(t, self.schemas[table])
-                mask = pc.is_in(t.column("source_id"), value_set=ids)
-                if table == "results":
-                    for row in conform(t.filter(mask), RESULTS_SCHEMA).to_pylist():
-                        if row["task"] not in redo[row["source_id"]]:
-                            moved[row["source_id"]].append(row)
-                rest = t.filter(pc.invert(mask))
-                rewrites.append((table, rest if rest.num_rows else None, uri))
+        rewrites: dict[str, tuple[str, pa.Table | None]] = {}
+        if not by_stem:
+            return moved, rewrites
+        for table in ("results", "documents"):
+            found = set_files(self.layout, table, set(by_stem))
+            fschema = self._file_schema(table)
+            for old, redo in sorted(by_stem.items()):
+                ids = pa.array(sorted(redo), pa.string())
+                for uri in found.get(old, []):
+                    # files of an older minor schema version gain the new columns; partition columns come
+                    # back; the pass-through columns of the sources left in the file stay (they are
+                    # re-attached to the moved rows)
+                    t = read_rows(self.layout, table, uri, self.schemas[table])
+                    if t is None:
+                        continue
+                    mask = pc.is_in(t.column("source_id"), value_set=ids)
+                    if not pc.any(mask).as_py():
+                        continue
+                    if table == "results":
+                        for row in conform(t.filter(mask), RESULTS_SCHEMA).to_pylist():
+                            if row["task"] not in redo[row["source_id"]]:
+                                moved[row["source_id"]].append(row)
+                    rest = t.filter(pc.invert(mask))
+                    rewrites[uri] = (table, conform(rest, fschema) if rest.num_rows else None)
         return moved, rewrites
 
 

@@ -17,6 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 TaskName = Literal["ocr", "table", "caption", "video_caption"]
+#: Columns the output tables may be partitioned by (pipeline/partitions.py): `date` is the UTC day of
+#: `created_at` (a directory only; rows keep `created_at`).
+PartitionKey = Literal["task", "status", "media_type", "run_id", "date"]
 FamilyName = Literal[
     "auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
     "minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5",
@@ -446,10 +449,39 @@ class OutputConfig(_Model):
         "run before any work (a typo must not create a bucket)."
     )
 
+    partition_by: list[PartitionKey] = Field(
+        [], description="Hive-style partition directories, outermost first, e.g. [task] writes "
+        "`results/task=ocr/<file>.parquet`: `task`, `status`, `media_type`, `run_id` or `date` (the UTC day of "
+        "`created_at`). `documents` is partitioned by those of them it has (all but `task`). The columns move from "
+        "the files into the directory names, as Spark and pyarrow write them; a null `media_type` is `unknown`. "
+        "A prefix keeps the partitioning it was first written with: changing it needs a new output.uri."
+    )
+    min_rows_per_file: int = Field(
+        0, ge=0, description="Fewest result rows a file set should hold before a new one is started: a commit "
+        "window then replaces the run's last, still small files by copies with its own rows appended (one atomic "
+        "write per file, so readers never see a row twice or miss one), instead of adding small files. The next "
+        "run continues the last one. Costs rewriting the open file once per window. 0 (default): one file set per "
+        "window. At most output.rows_per_file."
+    )
+
     @field_validator("uri")
     @classmethod
     def _safe_uri(cls, uri: str) -> str:
         return normalize_output_uri(uri)
+
+    @field_validator("partition_by")
+    @classmethod
+    def _unique_keys(cls, keys: list[str]) -> list[str]:
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"output.partition_by {keys} names a column twice: name each once")
+        return keys
+
+    @model_validator(mode="after")
+    def _file_sizes(self) -> "OutputConfig":
+        if self.min_rows_per_file > self.rows_per_file:
+            raise ValueError(f"output.min_rows_per_file ({self.min_rows_per_file}) is above output.rows_per_file "
+                             f"({self.rows_per_file}): lower it or raise rows_per_file")
+        return self
 
 
 def normalize_output_uri(uri: str) -> str:

@@ -138,7 +138,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
     run_id, attempt = new_attempt(job)
-    layout = sink.Layout(job.output.uri, job.storage)
+    layout = sink.Layout(job.output.uri, job.storage, tuple(job.output.partition_by))
     summary = RunSummary(run_id, job.output.uri, attempt)
     record: dict[str, Any] = {
         "run_id": run_id, "attempt": attempt, "job": job.name, "status": "running",
@@ -152,11 +152,14 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     }
     with Lease(layout, attempt):
         _take_over(layout, attempt, summary)
+        sink.check_partitioning(layout)  # before any work: a prefix keeps its partitioning
         work, rows = _plan_work(job, layout, fps, retry, summary)
         _write_record(layout, record)
         t_plan = time.perf_counter()
         publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression,
-                                     max_failed_unit_share=job.documents.max_failed_unit_share, rows=rows)
+                                     max_failed_unit_share=job.documents.max_failed_unit_share,
+                                     min_rows_per_file=job.output.min_rows_per_file,
+                                     rows_per_file=job.output.rows_per_file, rows=rows)
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,

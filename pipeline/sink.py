@@ -4,6 +4,9 @@ Layout under the output prefix (the commit protocol that fills it is pipeline/co
 
     results/<stem>.parquet        one row per unit and task (schemas.records.RESULTS_SCHEMA)
     documents/<stem>.parquet      one row per source of the same window (DOCUMENTS_SCHEMA)
+                                  (with output.partition_by: <table>/<key>=<value>/.../<stem>.parquet,
+                                  the keys' columns in the path, not the file: pipeline/partitions.py)
+    _tail.json                    with output.min_rows_per_file: the file set later windows append to
     _runs/<attempt>.json          one run record per attempt: config (secrets redacted), counts, status
                                   (`runs/` before; still read: an older run's record is marked there)
     _commits/<stem>.json          a decided commit not yet fully applied (rolled forward by any run)
@@ -12,8 +15,11 @@ Layout under the output prefix (the commit protocol that fills it is pipeline/co
 
 `<stem>` is `<attempt>-w<window>`: an attempt id is unique (a job's fixed `run_id` plus the start
 time and a random suffix), so no run ever overwrites another's file. A source lives in exactly one
-window's file pair: when a later run redoes some of its tasks, its rows move to the new window and
-the old files are rewritten without it, so `documents` holds one current row per source.
+file set (the files named `<stem>.parquet` of both tables, one per partition): when a later run redoes
+some of its tasks, its rows move to the new window and the old files are rewritten without it, so
+`documents` holds one current row per source. With `output.min_rows_per_file`, a window's rows are
+appended to the last file set while it is small (an atomic replace per file: pipeline/commit.py), so
+a set holds the sources of several windows, possibly of several runs.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import partitions, storage
 from pipeline.collect import Complete, Prior, SourceWork
-from pipeline.config import StorageConfig
-from schemas.records import DOCUMENTS_SCHEMA, SCHEMA_VERSION
+from pipeline.config import ConfigError, StorageConfig
+from schemas.records import DOCUMENTS_SCHEMA, SCHEMA_VERSION, conform
+from schemas.records import TABLES as SCHEMAS
 
 TABLES = ("results", "documents")
 
@@ -40,12 +47,41 @@ class Layout:
 
     root: str
     storage: StorageConfig
+    partition_by: tuple[str, ...] = ()  # output.partition_by
 
     def table_dir(self, table: str) -> str:
         return storage.safe_join(self.root, table)
 
-    def data_file(self, table: str, stem: str) -> str:
-        return storage.safe_join(self.root, f"{table}/{stem}.parquet")
+    def keys(self, table: str) -> tuple[str, ...]:
+        """The partition keys of `table` (outermost first; none when unpartitioned)."""
+        return partitions.table_keys(self.partition_by, table)
+
+    def data_file(self, table: str, stem: str, part: tuple[str, ...] = ()) -> str:
+        """The file of set `stem` in `table`'s partition `part` (its key values, in `keys(table)` order)."""
+        sub = partitions.part_path(self.keys(table), part)
+        return storage.safe_join(self.root, f"{table}/{sub}/{stem}.parquet" if sub else f"{table}/{stem}.parquet")
+
+    def file_schema(self, table: str) -> pa.Schema:
+        """What a file of `table` holds: its schema without the partition columns."""
+        return partitions.file_schema(SCHEMAS[table], self.keys(table))
+
+    def partition_of(self, table: str, uri: str) -> dict[str, str]:
+        """The partition values in the path of one of `table`'s files."""
+        return partitions.parse(self.rel_dirs(table, uri))
+
+    def rel_dirs(self, table: str, uri: str) -> list[str]:
+        """The directory names between `table`'s directory and one of its files (listings give
+        canonical URIs, absolute local paths; `data_file` gives the root as configured)."""
+        base = self.table_dir(table)
+        if not uri.startswith(base.rstrip("/") + "/"):
+            fs, path = storage.get_fs(base, self.storage)
+            base = storage.to_uri(fs, path)
+        if not uri.startswith(base.rstrip("/") + "/"):
+            raise ValueError(f"{storage.redact(uri)} is not under {storage.redact(base)}")
+        return uri[len(base.rstrip("/")) + 1:].split("/")[:-1]
+
+    def tail_marker(self) -> str:
+        return storage.safe_join(self.root, "_tail.json")
 
     def staging(self, attempt: str, rel: str = "") -> str:
         return storage.safe_join(self.root, f"_staging/{attempt}/{rel}".rstrip("/"))
@@ -73,7 +109,7 @@ class Layout:
 
 
 def parquet_files(uri: str, st: StorageConfig) -> list[str]:
-    """Parquet files directly under `uri` (sorted; none when it does not exist)."""
+    """Every Parquet file under `uri`, partition directories included (sorted; none when it does not exist)."""
     return sorted(u for u in storage.list_files(uri, st) if u.endswith(".parquet"))
 
 
@@ -88,6 +124,45 @@ def read_table(uri: str, st: StorageConfig, columns: list[str] | None = None) ->
 
 def stem_of(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def read_rows(layout: Layout, table: str, uri: str, schema: pa.Schema | None = None) -> pa.Table | None:
+    """One data file as the table's full schema, or `schema` (ours plus a job's pass-through columns)
+    when given: partition columns restored from its path, columns of a newer minor schema version as
+    nulls. None when it does not exist."""
+    t = read_table(uri, layout.storage)
+    if t is None:
+        return None
+    schema = schema or SCHEMAS[table]
+    return conform(partitions.restore(t, layout.partition_of(table, uri), schema), schema)
+
+
+def set_files(layout: Layout, table: str, stems: set[str]) -> dict[str, list[str]]:
+    """The files of each file set in `stems` (unpartitioned: the one path, which may not exist;
+    partitioned: found by one listing of the table directory)."""
+    if not layout.keys(table):
+        return {s: [layout.data_file(table, s)] for s in stems}
+    out: dict[str, list[str]] = defaultdict(list)
+    for uri in parquet_files(layout.table_dir(table), layout.storage):
+        if (s := stem_of(uri)) in stems:
+            out[s].append(uri)
+    return out
+
+
+def check_partitioning(layout: Layout) -> None:
+    """ConfigError when files already under the prefix use other partition keys than the job's: a
+    table whose files sit at different depths or keys is not one table to a reader (pyarrow's hive
+    discovery fails or gives nulls), so a prefix keeps the partitioning it was first written with."""
+    for table in ("results", "documents"):
+        want = layout.keys(table)
+        base = layout.table_dir(table)
+        for uri in parquet_files(base, layout.storage):
+            have = tuple(d.partition("=")[0] for d in layout.rel_dirs(table, uri))
+            if have != want:
+                raise ConfigError(
+                    f"output.partition_by {list(layout.partition_by)} does not match the files already in "
+                    f"{storage.redact(base)} (partitioned by {list(have)}, e.g. {storage.redact(uri)}): keep the "
+                    f"prefix's partitioning or write to a new output.uri")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,3 +169,9 @@ def test_schema_output_lists_the_parquet_columns():
     assert [c["name"] for c in out["tables"]["documents"]] == DOCUMENTS_SCHEMA.names
     status = next(c for c in out["tables"]["results"] if c["name"] == "status")
     assert status == {"name": "status", "type": "string", "nullable": False}
+    # the layout: every partition key a job may name, per table
+    from pipeline.config import PartitionKey
+    from typing import get_args
+
+    keys = out["layout"]["partition_keys"]
+    assert set(keys["results"]) == set(get_args(PartitionKey)) and "task" not in keys["documents"]
