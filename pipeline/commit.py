@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from pipeline import partitions, storage
 from pipeline.collect import Complete
 from pipeline.sink import Layout, document_row, read_rows, read_table, set_files
-from schemas.records import TABLES, conform, to_table
+from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA, TABLES, conform, to_table
 
 log = logging.getLogger(__name__)
 

@@ -172,3 +172,40 @@ def test_cpmv_schema_output_lists_a_jobs_pass_through_columns(tmp_path, capsys):
     assert "input.pass_through" in out["pass_through"]
     assert main(["schema", "--output", "--job", str(job), "--set", "input.pass_through=[nope]"]) == 2
     assert "no column(s) 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("min_rows", [0, 100])
+def test_pass_through_columns_in_partitioned_and_appended_files(tmp_path, min_rows):
+    """Pass-through columns with `output.partition_by` (and `min_rows_per_file` appending windows to the
+    open file set): every file holds them after our columns less the partition keys, a re-published
+    source keeps its values, and a plain pandas read of the partitioned table sees each row once."""
+    import pandas as pd
+
+    uris = _files(tmp_path, 2)
+    path = _parquet_manifest(tmp_path, uris)
+    data = rowdata.load(InputConfig(manifest=str(path), pass_through=["item_id", "taken_at"]),
+                        read_manifest_table(str(path), STORAGE))
+    layout = sink.Layout(str(tmp_path / "out"), STORAGE, ("task", "status"))
+    fps = {"ocr": "fp-ocr", "caption": "fp-caption"}
+    sids = [f"{i:032x}" for i in range(2)]
+    first = commit.Publisher(layout, "a1", "a1", fps, rows=data, min_rows_per_file=min_rows, rows_per_file=1000)
+    for i, sid in enumerate(sids):  # two windows: with a minimum, the second is appended to the first's set
+        first.publish([Complete(SourceWork(f"s3://in/{sid}.pdf", sid, 100, ("ocr", "caption"), manifest_row=i),
+                                rows_for(sid, ("ocr", "caption"), "a1", False), 3)])
+    state = sink.CommittedIndex.load(layout).lookup([sids[0]])[sids[0]]
+    again = commit.Publisher(layout, "a2", "a2", {"ocr": "fp-ocr-2", "caption": "fp-caption"}, rows=data,
+                             min_rows_per_file=min_rows, rows_per_file=1000)
+    work = SourceWork(f"s3://in/{sids[0]}.pdf", sids[0], 100, ("ocr",), sink.prior_of(state), manifest_row=0)
+    again.publish([Complete(work, rows_for(sids[0], ("ocr",), "a2", False, {"ocr": "fp-ocr-2"}), 3)])
+    files = sorted((tmp_path / "out" / "results").rglob("*.parquet"))
+    assert files and all("task=" in str(f) for f in files)
+    for f in files:
+        names = pq.read_schema(f).names
+        assert names[-2:] == ["item_id", "taken_at"] and "task" not in names and "status" not in names
+        assert pq.read_schema(f).field("taken_at").type == TS
+    results = pd.read_parquet(tmp_path / "out" / "results")
+    assert len(results) == 2 * 3 * 2  # no row lost or doubled
+    assert results.groupby("source_id")["item_id"].agg(set).to_dict() == {sids[0]: {10}, sids[1]: {11}}
+    assert set(results["task"]) == {"ocr", "caption"}
+    docs = pd.read_parquet(tmp_path / "out" / "documents")
+    assert sorted(docs["item_id"]) == [10, 11]
