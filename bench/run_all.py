@@ -5,8 +5,8 @@ environment it needs: engine_occupancy in the vLLM one (`.venv-vllm`, or $CPMV_V
 other in this interpreter's. cpu_per_gpu runs after the preprocessing ones (it reuses their generated
 inputs). A benchmark counts as done only when it exited 0 and wrote its JSON during this run; the
 end prints each one's status and JSON path. Times on 2 cores: preprocessing ~3 min each,
-commit_index ~1.5 min, resume ~5 min, scale ~10 min, file_sizes ~1.5 min, engine_occupancy (1,000 requests, five
-variants) over an hour on CPU.
+commit_index ~1.5 min, resume ~5 min, scale ~10 min, file_sizes ~1.5 min, engine_occupancy (1,000
+requests; raw, async and raw_capped by default) ~10 min on CPU.
 """
 
 from __future__ import annotations
