@@ -145,6 +145,12 @@ class PdfConfig(_Model):
         0.97, ge=0, le=1, description="...and at least this fraction of them printable (no U+FFFD, control or "
         "private-use glyphs, which broken font encodings produce)."
     )
+    page_window: int = Field(
+        1, ge=1, le=4, description="Pages per unit of the `table` task: 2 makes each table unit a page and the next "
+        "one (tables that run over a page break), sent as two images in one prompt; the last page's window holds "
+        "it alone. Result rows keep `page`'s unit_index (the first page) and list every page in `pages`. Window "
+        "units are never tiled (each page fits the pixel budget). Other tasks keep one page per unit.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> "PdfConfig":
@@ -299,6 +305,15 @@ class EngineConfig(_Model):
         return self
 
 
+class ExampleConfig(_Model):
+    """One few-shot example: an image and the answer the model should give for it (pipeline/examples.py)."""
+
+    image: str = Field(..., min_length=1, description="URI of the example image (any fsspec URI, e.g. s3://b/ex1.png); "
+                       "read once per engine actor through the same storage layer, limits and slicing as inputs.")
+    answer: str = Field(..., description="The answer to the task's prompt for that image, put in as the model's "
+                        "own earlier reply.")
+
+
 class TaskConfig(_Model):
     """One task run over every unit it applies to."""
 
@@ -326,6 +341,20 @@ class TaskConfig(_Model):
         None, ge=1, description="Token cap of a retry after a reply cut at the cap (`reply_truncated`); unset keeps "
         "`max_new_tokens`. Other failed checks retry with `max_new_tokens`."
     )
+    examples: list[ExampleConfig] = Field(
+        default_factory=list, max_length=8,
+        description="Few-shot examples (image and answer pairs) put before each unit as earlier user/assistant turns, "
+        "in the model generation's own multi-image chat format; the user turn of each example is its image and this "
+        "task's prompt. Not for `video_caption`, nor MiniCPM-V 2.0 (one image per prompt). Their content (image "
+        "bytes and answers) is part of the resume fingerprint.",
+    )
+
+    @model_validator(mode="after")
+    def _examples_apply(self) -> "TaskConfig":
+        if self.examples and self.name == "video_caption":
+            raise ValueError("tasks[].examples: few-shot examples are images and cannot go before a video clip; "
+                             "remove `examples` from the video_caption task")
+        return self
 
     @field_validator("retry_temperatures")
     @classmethod

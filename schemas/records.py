@@ -69,6 +69,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("tables", TABLES_TYPE),  # tables of `table` and `ocr` replies as data (pipeline/tables.py)
         pa.field("latency_ms", pa.float64()),  # from handing the unit to the engine to its reply (a batch: the call)
         pa.field("batch_units", pa.int32()),  # requests handed to the engine together with this one
+        # A multi-image unit's pages (pdf.page_window for `table`: unit_index is the first; null for
+        # one-page units), in the order the model saw them.
+        pa.field("pages", pa.list_(pa.int32())),
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -167,5 +170,9 @@ UNITS_SCHEMA = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("preprocess_ms", pa.float64()),
         pa.field("_expected_rows", pa.int32()),  # end-of-source markers only (EXPECTED_ROWS)
+        # Multi-image units whose images differ in size (a page window): (width, height) of each
+        # entry of `pixels`; null when every frame is width x height.
+        pa.field("frame_sizes", pa.list_(pa.list_(pa.int32(), 2))),
+        pa.field("pages", pa.list_(pa.int32())),  # a page window's pages (RESULTS_SCHEMA `pages`)
     ]
 )

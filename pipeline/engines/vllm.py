@@ -143,6 +143,23 @@ def render_user_turn(gen: Generation, content: Any, tokenizer: Any) -> str:
     )
 
 
+def render_conversation(gen: Generation, turns: list[tuple[str, Any]], tokenizer: Any) -> str:
+    """The prompt text of a conversation (`(role, content)` turns ending with the user's) and the start
+    of the reply: few-shot examples as earlier user/assistant turns (the MiniCPM-V model card's layout,
+    which the 2.6-4.5 `chat()` renders through the tokenizer's chat template). One user turn is
+    `render_user_turn`. 1.0/2.0 take one image per prompt, so no examples: ValueError.
+    """
+    if len(turns) == 1:
+        return render_user_turn(gen, turns[0][1], tokenizer)
+    if gen.chat_format == "minicpm_v2":
+        raise ValueError(f"{gen.name} takes one image per prompt (its processor's limit): few-shot examples with "
+                         f"images cannot go before the unit; remove tasks[].examples")
+    return tokenizer.apply_chat_template(
+        [{"role": role, "content": content} for role, content in turns], tokenize=False,
+        add_generation_prompt=True, enable_thinking=False,
+    )
+
+
 def _patch_stream_capture_on_cpu() -> None:
     """vLLM's 2.x/4.0 resampler asks CUDA whether a graph is being captured; on CPU say no."""
     import torch
@@ -372,10 +389,16 @@ class VLLMEngine(Engine):
         """Whether a request may set its own max_slice_nums (the guard's re-slicing needs it)."""
         return self.gen.native
 
-    def count_text_tokens(self, text: str) -> int | None:
-        """Tokens of `text` as a text-only user turn rendered by the chat template (visual tokens
-        of the placeholders the engine adds are counted by the guard from the slicing plan)."""
-        rendered = render_user_turn(self.gen, text, self.tokenizer)
+    def count_text_tokens(self, text: str, examples: tuple[tuple[str, str], ...] = ()) -> int | None:
+        """Tokens of `text` as a text-only user turn rendered by the chat template, after the
+        few-shot `examples` ((prompt, answer) pairs) as text-only turns (visual tokens of the
+        placeholders the engine adds are counted by the guard from the slicing plan)."""
+        turns: list[tuple[str, Any]] = []
+        for prompt, answer in examples:
+            turns += [("user", prompt if not self.gen.native else [{"type": "text", "text": prompt}]),
+                      ("assistant", answer if not self.gen.native else [{"type": "text", "text": answer}])]
+        turns.append(("user", text if not self.gen.native else [{"type": "text", "text": text}]))
+        rendered = render_conversation(self.gen, turns, self.tokenizer)
         return len(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def model_info(self) -> dict[str, str]:
@@ -433,33 +456,36 @@ class VLLMEngine(Engine):
     def _prompt(self, request: Request) -> dict[str, Any]:
         """vLLM prompt dict: chat-template text, multi_modal_data and mm_processor_kwargs."""
         check_visuals(request)
-        found = [t for t in self._reserved if t in request.prompt]
+        found = [t for text in request.texts() for t in self._reserved if t in text]
         if found:
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
         if request.is_video and not self.gen.supports_video:
             raise ValueError(f"{self.family} takes no video in vLLM")
         floor = min_image_side(self.family)
-        for image in request.images:  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
+        for image in request.all_images():  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
             if min(image.shape[:2]) < floor:
                 raise ValueError(f"image {image.shape[1]}x{image.shape[0]} has a side under {floor} px, "
                                  f"the least {self.family}'s processor takes")
-        if self.gen.max_images is not None and not request.is_video and len(request.images) > self.gen.max_images:
+        n_images = len(request.all_images())
+        if self.gen.max_images is not None and not request.is_video and n_images > self.gen.max_images:
             raise ValueError(f"{self.family} takes at most {self.gen.max_images} image(s) per prompt "
-                             f"(its processor's limit), got {len(request.images)}")
+                             f"(its processor's limit), got {n_images}")
         if request.is_video and len(request.images) > self.max_frames_per_video:
             raise ValueError(f"{len(request.images)} frames > max_frames_per_video={self.max_frames_per_video}")
         options = self._options(request)
         n_items = (1 if request.images else 0) if request.is_video else len(request.images)
         token = self._video_token if request.is_video else self._image_token
-        if self.gen.native:
-            kind = "video" if request.is_video else "image"
-            content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
-        else:
-            content = legacy_user_content(self.gen, n_items, request.prompt, token)
-        text = render_user_turn(self.gen, content, self.tokenizer)
+        turns: list[tuple[str, Any]] = []
+        for ex in request.examples:  # few-shot turns first: their images come first in multi_modal_data
+            turns += [("user", self._user_content(len(ex.images), ex.prompt, "image")),
+                      ("assistant", ex.answer if not self.gen.native else [{"type": "text", "text": ex.answer}])]
+        turns.append(("user", self._user_content(n_items, request.prompt, "video" if request.is_video else "image")))
+        text = render_conversation(self.gen, turns, self.tokenizer)
         # Guard against a template that drops visual items: the images would be silently lost.
-        if text.count(token) != n_items:
-            raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")
+        expected = n_items + sum(len(ex.images) for ex in request.examples)
+        placed = text.count(token)  # a clip has no examples (check_visuals): one kind of token
+        if placed != expected:
+            raise ValueError(f"chat template placed {placed} {token} placeholder(s), expected {expected}")
         prompt: dict[str, Any] = {"prompt": text}
         if request.images:
             if request.is_video:
@@ -467,10 +493,17 @@ class VLLMEngine(Engine):
             else:
                 from PIL import Image
 
-                prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in request.images]}
+                prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in request.all_images()]}
             if self.gen.native:
                 prompt["mm_processor_kwargs"] = options
         return prompt
+
+    def _user_content(self, n_items: int, text: str, kind: str) -> Any:
+        """One user turn's content: content items (native templates) or placeholders + text (2.0-4.5)."""
+        if self.gen.native:
+            return [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": text}]
+        token = self._video_token if kind == "video" else self._image_token
+        return legacy_user_content(self.gen, n_items, text, token)
 
     def _sampling(self, request: Request) -> Any:
         from vllm import SamplingParams
