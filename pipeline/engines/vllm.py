@@ -160,6 +160,28 @@ def render_conversation(gen: Generation, turns: list[tuple[str, Any]], tokenizer
     )
 
 
+def conversation_turns(gen: Generation, request: Any, image_token: str = LEGACY_IMAGE_PLACEHOLDER,
+                       video_token: str = LEGACY_VIDEO_PLACEHOLDER) -> list[tuple[str, Any]]:
+    """(role, content) turns of `request` (an engines.base.Request): each few-shot example as a user
+    turn of its images and prompt and an assistant turn of its answer, then the unit's user turn (one
+    item per image, or one for a clip). Content is a list of items for the native templates and the
+    placeholder text for 2.0-4.5 (`legacy_user_content`, as their `chat()` joins images and text);
+    the examples' images come first in multi_modal_data, as their placeholders do in the text."""
+
+    def user(n_items: int, text: str, kind: str) -> Any:
+        if gen.native:
+            return [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": text}]
+        return legacy_user_content(gen, n_items, text, video_token if kind == "video" else image_token)
+
+    turns: list[tuple[str, Any]] = []
+    for ex in request.examples:
+        turns += [("user", user(len(ex.images), ex.prompt, "image")),
+                  ("assistant", [{"type": "text", "text": ex.answer}] if gen.native else ex.answer)]
+    n_items = (1 if request.images else 0) if request.is_video else len(request.images)
+    turns.append(("user", user(n_items, request.prompt, "video" if request.is_video else "image")))
+    return turns
+
+
 def _patch_stream_capture_on_cpu() -> None:
     """vLLM's 2.x/4.0 resampler asks CUDA whether a graph is being captured; on CPU say no."""
     import torch
@@ -475,11 +497,7 @@ class VLLMEngine(Engine):
         options = self._options(request)
         n_items = (1 if request.images else 0) if request.is_video else len(request.images)
         token = self._video_token if request.is_video else self._image_token
-        turns: list[tuple[str, Any]] = []
-        for ex in request.examples:  # few-shot turns first: their images come first in multi_modal_data
-            turns += [("user", self._user_content(len(ex.images), ex.prompt, "image")),
-                      ("assistant", ex.answer if not self.gen.native else [{"type": "text", "text": ex.answer}])]
-        turns.append(("user", self._user_content(n_items, request.prompt, "video" if request.is_video else "image")))
+        turns = conversation_turns(self.gen, request, self._image_token, self._video_token)
         text = render_conversation(self.gen, turns, self.tokenizer)
         # Guard against a template that drops visual items: the images would be silently lost.
         expected = n_items + sum(len(ex.images) for ex in request.examples)
@@ -497,13 +515,6 @@ class VLLMEngine(Engine):
             if self.gen.native:
                 prompt["mm_processor_kwargs"] = options
         return prompt
-
-    def _user_content(self, n_items: int, text: str, kind: str) -> Any:
-        """One user turn's content: content items (native templates) or placeholders + text (2.0-4.5)."""
-        if self.gen.native:
-            return [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": text}]
-        token = self._video_token if kind == "video" else self._image_token
-        return legacy_user_content(self.gen, n_items, text, token)
 
     def _sampling(self, request: Request) -> Any:
         from vllm import SamplingParams
