@@ -37,10 +37,12 @@ class SourceWork:
     size: int | None
     tasks: tuple[str, ...]  # the tasks this run (re)does for it
     prior: Prior | None = None
+    parts: tuple[str, ...] = ()  # a multi-image manifest row's image URIs (pipeline/sources.py)
 
     def item(self) -> dict[str, Any]:
         """The source's row in the plan's input dataset."""
-        return {"source_uri": self.uri, "source_id": self.source_id, "size": self.size, "tasks": list(self.tasks)}
+        return {"source_uri": self.uri, "source_id": self.source_id, "size": self.size, "tasks": list(self.tasks),
+                "parts": list(self.parts)}
 
 
 @dataclass

@@ -78,12 +78,20 @@ class InputConfig(_Model):
         None, description="A Parquet, CSV or JSONL file with one input URI per row, in column `manifest_column`."
     )
     manifest_column: str = Field("uri", description="Column of the manifest that holds the URIs.")
+    manifest_images_column: str | None = Field(
+        None, description="Column of the manifest whose rows each list several image URIs (a list of strings, or "
+        "one string of URIs separated by `|`, e.g. in CSV) that make ONE multi-image unit, the images in the order "
+        "listed (e.g. the views of one product). Set, it replaces `manifest_column`. Such a source's `source_uri` is "
+        "its URIs joined by `|`; each URI must name one image file (first frame used).",
+    )
     max_sources: int | None = Field(None, ge=1, description="Stop after this many sources (sampling runs).")
 
     @model_validator(mode="after")
     def _some_input(self) -> "InputConfig":
         if not self.uris and not self.manifest:
             raise ValueError("set `input.uris` (a list of URIs/globs) or `input.manifest` (a file of URIs)")
+        if self.manifest_images_column and not self.manifest:
+            raise ValueError("input.manifest_images_column names a column of `input.manifest`: set input.manifest")
         return self
 
 

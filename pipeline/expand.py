@@ -356,6 +356,9 @@ class ExpandSource:
             rec = guard.recorded(-1) or guard.stop_record
             yield _source_row(src, None, error_type=rec.kind, error_message=source_message(rec)), 0
             return
+        if src.get("parts"):
+            yield from self._parts_items(src, t0)
+            return
         try:
             # The listing's size saves one request per object.
             data = storage.read_bytes(src["source_uri"], self.job.storage, max_bytes=self.job.limits.max_bytes,
@@ -408,6 +411,53 @@ class ExpandSource:
             yield _source_row(src, media_type, error_type="preprocess_failed",
                               error_message=f"preprocessing this {media_type} failed unexpectedly "
                               f"({type(err).__name__}): {describe(err)}"), 0
+
+    def _parts_items(self, src: dict[str, Any], t0: float) -> Iterator[tuple[Any, int]]:
+        """A multi-image manifest row (input.manifest_images_column): ONE `image` unit of all its
+        images, in the order listed, each read, decoded (first frame) and fit like an image source's,
+        never tiled. Any image that cannot be read or decoded, or all of them together over
+        limits.max_pixels, makes the row's error row, naming the image."""
+        from pipeline import storage
+        from pipeline.config import ImageConfig
+        from pipeline.media.base import describe
+        from pipeline.media.image import expand_image
+
+        tasks = [t for t in src["tasks"] if "image" in self.task_kinds[t]]
+        if not tasks:
+            yield _source_row(src, "image", error_type="task_not_applicable",
+                              error_message=f"no task of this job applies to image units; tasks: {', '.join(src['tasks'])}"), 0
+            return
+        src, j = {**src, "tasks": tasks}, self.job
+        frames, flags, total = [], [], 0
+        for k, uri in enumerate(src["parts"]):
+            what = f"image {k} of the row ({storage.redact(uri, j.storage)})"
+            try:
+                data = storage.read_bytes(uri, j.storage, max_bytes=j.limits.max_bytes)
+                unit = next(expand_image(data, ImageConfig(multi_frame="first"), j.limits))
+            except storage.ObjectTooLargeError as err:
+                yield _source_row(src, "image", error_type="too_large", error_message=f"{what}: {err}"), 0
+                return
+            except MediaError as err:
+                yield _source_row(src, "image", error_type=err.error_type, error_message=f"{what}: {err.message}"), 0
+                return
+            except Exception as err:  # noqa: BLE001 - a read failure is the row's error, never the job's
+                msg = storage.redact(f"{what} could not be read: {describe(err)}", j.storage)
+                yield _source_row(src, "image", error_type="read_failed", error_message=msg), 0
+                return
+            frame = self._fit(unit.frames[0], False)
+            total += frame.shape[0] * frame.shape[1]
+            if total > j.limits.max_pixels:
+                yield _source_row(src, "image", error_type="image_too_large",
+                                  error_message=f"the row's first {k + 1} images take {total} pixels together, over "
+                                  f"limits.max_pixels={j.limits.max_pixels}"), 0
+                return
+            frames.append(frame)
+            flags += [f for f in unit.flags if f not in flags]
+        sizes = [[f.shape[1], f.shape[0]] for f in frames]
+        row = _source_row(src, "image", unit_index=0, unit_kind="image", flags=flags, **self._pixels(frames),
+                          preprocess_ms=(time.perf_counter() - t0) * 1000.0,
+                          frame_sizes=sizes if len({tuple(x) for x in sizes}) > 1 else None)
+        yield row, _nbytes(row)
 
     def _media_items(self, src: dict[str, Any], media_type: str, data: bytes, t0: float,
                      guard: SourceGuard) -> Iterator[tuple[Any, int]]:

@@ -84,7 +84,8 @@ def inspect_sources(job: JobConfig, family: str, sources: Any) -> Iterator[tuple
                             family)
     examples = example_sizes(job, expander)
     for src in sources:
-        row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks)}
+        row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks),
+               "parts": list(src.parts)}
         records = []
         for table in expander(pa.Table.from_pylist([row])):
             # Pixels are not needed here: drop them before converting to Python objects.

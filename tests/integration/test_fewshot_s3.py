@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 JOB = """
 name: fewshot
-input: {{uris: ["s3://{bucket}/in/"]}}
+input: {{uris: ["s3://{bucket}/in/"], manifest: "s3://{bucket}/manifest.parquet", manifest_images_column: views}}
 output: {{uri: s3://{bucket}/out}}
 storage:
   s3: {{endpoint_url: "${{AWS_ENDPOINT_URL}}", access_key_id: "${{AWS_ACCESS_KEY_ID}}",
@@ -80,6 +80,17 @@ def test_examples_from_s3_page_windows_and_resume(s3_server, s3_bucket, tmp_path
     fs.pipe(f"{s3_bucket}/in/photo.png", _png(1, 200, 300))
     fs.pipe(f"{s3_bucket}/examples/table.png", _png(2))
     fs.pipe(f"{s3_bucket}/examples/cat.png", _png(3))
+    # A multi-image manifest row: two views of one object, one unit of two images.
+    fs.pipe(f"{s3_bucket}/views/front.png", _png(5, 120, 160))
+    fs.pipe(f"{s3_bucket}/views/back.png", _png(6, 160, 120))
+    import io
+
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"views": [[f"s3://{s3_bucket}/views/front.png", f"s3://{s3_bucket}/views/back.png"]]}),
+                   buf)
+    fs.pipe(f"{s3_bucket}/manifest.parquet", buf.getvalue())
     job = tmp_path / "job.yaml"
     job.write_text(JOB.format(bucket=s3_bucket, cache=tmp_path / "cache"))
     log = tmp_path / "calls.log"
@@ -90,22 +101,28 @@ def test_examples_from_s3_page_windows_and_resume(s3_server, s3_bucket, tmp_path
     env.pop("RAY_ADDRESS", None)
 
     _run(job, env, tmp_path)
-    # PDF: 3 ocr pages + 3 table windows + 3 caption pages; photo: ocr, table, caption.
-    assert _calls(log) == 12
+    # PDF: 3 ocr pages + 3 table windows + 3 caption pages; photo and the manifest row: ocr, table, caption.
+    assert _calls(log) == 15
     local = tmp_path / "dl"
     fs.get(f"{s3_bucket}/out/results/", str(local) + "/", recursive=True)
     rows = pq.read_table(local).to_pylist()
-    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows), [r["error_message"] for r in rows]
+    assert len(rows) == 15 and all(r["status"] == "ok" for r in rows), [r["error_message"] for r in rows]
     pdf = {(r["task"], r["unit_index"]): r for r in rows if r["source_uri"].endswith(".pdf")}
     assert [pdf[("table", i)]["pages"] for i in range(3)] == [[0, 1], [1, 2], [2]]
     assert pdf[("ocr", 0)]["pages"] is None
     # The examples' images are in the prompt (caption: two, table: one plus the window's second page).
     assert pdf[("caption", 2)]["prompt_tokens"] > pdf[("ocr", 2)]["prompt_tokens"] + 2 * 60
     assert pdf[("table", 0)]["prompt_version"] == "table-v1+fewshot1"
+    views = [r for r in rows if "|" in r["source_uri"]]
+    assert sorted(r["task"] for r in views) == ["caption", "ocr", "table"]
+    assert views[0]["source_uri"] == f"s3://{s3_bucket}/views/front.png|s3://{s3_bucket}/views/back.png"
+    photo = {r["task"]: r for r in rows if r["source_uri"].endswith("photo.png")}
+    view = {r["task"]: r for r in views}
+    assert view["ocr"]["num_frames"] == 2 and view["ocr"]["prompt_tokens"] > photo["ocr"]["prompt_tokens"]
 
     _run(job, env, tmp_path)
     assert _calls(log) == 0  # committed at these fingerprints: nothing redone
 
     fs.pipe(f"{s3_bucket}/examples/cat.png", _png(4))  # same URI, new content
     _run(job, env, tmp_path)
-    assert _calls(log) == 4  # the caption task only (3 pages and the photo); ocr and table stay
+    assert _calls(log) == 5  # the caption task only (3 pages, the photo, the row); ocr and table stay
