@@ -196,8 +196,8 @@ class _PageWindows:
     after it, one unit per page k, as n images in one prompt.
 
     Rows keep page k's `unit_index` and list their pages in `pages`. Each page is fit to the pixel
-    budget like an untiled page (`ExpandSource._fit`; windows are never tiled) and copied (a
-    rendered page's buffer is reused by the next render); at most n-1 pages are held. A window
+    budget like an untiled page (`ExpandSource._fit`; windows are never tiled) and held without a
+    copy (its render buffer kept alive) for at most n-1 later renders. A window
     ends early at a page that failed (flag `page_window_cut`; the failed page's own window is its
     error row) and at the document's end (the last page's window holds it alone, no flag); pages
     beyond `limits.max_pixels` in total are left out (flag `page_window_capped`).
@@ -216,9 +216,10 @@ class _PageWindows:
             yield from self._close(len(self.open))
             yield from self.stage._unit_rows(self.src, self.media_type, unit, ms)  # the page's own error row
             return
-        import numpy as np
-
-        frame = np.array(self.stage._fit(unit.frames[0], False), dtype=np.uint8, copy=True)
+        # The fit page may be a view of the render's buffer (a MuPDF pixmap): the windows holding it
+        # keep that buffer alive (`keep`) instead of copying 20 MB a page; the row copies it once.
+        frame = self.stage._fit(unit.frames[0], False)
+        keep = unit.keepalive
         for window in self.open:
             window["preprocess_ms"] += ms
             if window["pixels_total"] + frame.shape[0] * frame.shape[1] > self.stage.job.limits.max_pixels:
@@ -227,10 +228,10 @@ class _PageWindows:
                 window["full"] = True
             elif not window["full"]:
                 window["frames"].append(frame)
+                window["keep"].append(keep)
                 window["pages"].append(unit.unit_index)
                 window["pixels_total"] += frame.shape[0] * frame.shape[1]
-        # Only the page's columns and a copy of its pixels: no reference to the render buffer.
-        self.open.append({"columns": _unit_columns(unit), "frames": [frame], "pages": [unit.unit_index],
+        self.open.append({"columns": _unit_columns(unit), "frames": [frame], "keep": [keep], "pages": [unit.unit_index],
                           "flags": list(unit.flags), "preprocess_ms": ms,
                           "pixels_total": frame.shape[0] * frame.shape[1], "full": False})
         done = 0
@@ -254,6 +255,7 @@ class _PageWindows:
         pixels = ExpandSource._pixels(frames)
         sizes = [[f.shape[1], f.shape[0]] for f in frames]
         return _source_row(self.src, self.media_type, **cols, **pixels, preprocess_ms=window["preprocess_ms"],
+                           _keepalive=window["keep"],
                            frame_sizes=sizes if len({tuple(s) for s in sizes}) > 1 else None,
                            pages=window["pages"])
 
