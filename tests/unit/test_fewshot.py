@@ -182,6 +182,14 @@ def test_openai_body_has_examples_as_earlier_turns():
         assert sizes == [(30, 20), (40, 20), (50, 60)]  # examples first, in order, then the unit
     finally:
         engine.close()
+    # A multi-image unit (a page window, a manifest row): every image in its one user turn, in order.
+    engine = OpenAIEngine("http://127.0.0.1:9", "m", family="minicpmv4_6", max_retries=0)
+    try:
+        two = Request(PROMPT, [np.zeros((20, 30, 3), np.uint8), np.zeros((40, 10, 3), np.uint8)])
+        (turn,) = json.loads(engine._body(two))["messages"]
+        assert [c["type"] for c in turn["content"]] == ["image_url", "image_url", "text"]
+    finally:
+        engine.close()
     v20 = OpenAIEngine("http://127.0.0.1:9", "m", family="minicpmv2_0", max_retries=0)
     try:
         with pytest.raises(ValueError, match="one image per prompt"):
