@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ["preprocess_pdf", "preprocess_video", "cpu_per_gpu", "commit_index", "resume", "scale",
-              "file_sizes", "engine_occupancy"]
+              "file_sizes", "engine_occupancy", "fewshot"]
 #: Benchmarks that run in the vLLM environment.
 VLLM = {"engine_occupancy"}
 

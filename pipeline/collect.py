@@ -40,11 +40,12 @@ class SourceWork:
     manifest_row: int | None = None  # its manifest row (pass-through columns: pipeline/rowdata.py)
     prompt: str | None = None  # its per-row prompt (None: each task's own)
     prompt_error: str | None = None  # why its per-row prompt could not be made (an error row)
+    parts: tuple[str, ...] = ()  # a multi-image manifest row's image URIs (pipeline/sources.py)
 
     def item(self) -> dict[str, Any]:
         """The source's row in the plan's input dataset."""
         return {"source_uri": self.uri, "source_id": self.source_id, "size": self.size, "tasks": list(self.tasks),
-                "prompt": self.prompt, "prompt_error": self.prompt_error}
+                "prompt": self.prompt, "prompt_error": self.prompt_error, "parts": list(self.parts)}
 
     def fingerprints(self, fingerprints: dict[str, str]) -> dict[str, str]:
         """The job's task fingerprints as they apply to this source (a per-row prompt changes them)."""

@@ -81,6 +81,12 @@ class InputConfig(_Model):
         None, description="A Parquet, CSV or JSONL file with one input URI per row, in column `manifest_column`."
     )
     manifest_column: str = Field("uri", description="Column of the manifest that holds the URIs.")
+    manifest_images_column: str | None = Field(
+        None, description="Column of the manifest whose rows each list several image URIs (a list of strings, or "
+        "one string of URIs separated by `|`, e.g. in CSV) that make ONE multi-image unit, the images in the order "
+        "listed (e.g. the views of one product). Set, it replaces `manifest_column`. Such a source's `source_uri` is "
+        "its URIs joined by `|`; each URI must name one image file (first frame used).",
+    )
     max_sources: int | None = Field(None, ge=1, description="Stop after this many sources (sampling runs).")
     prompt_column: str | None = Field(
         None, description="Column of the manifest holding a per-row prompt for that row's source: plain text, or a "
@@ -104,6 +110,8 @@ class InputConfig(_Model):
     def _some_input(self) -> "InputConfig":
         if not self.uris and not self.manifest:
             raise ValueError("set `input.uris` (a list of URIs/globs) or `input.manifest` (a file of URIs)")
+        if self.manifest_images_column and not self.manifest:
+            raise ValueError("input.manifest_images_column names a column of `input.manifest`: set input.manifest")
         return self
 
     @field_validator("pass_through")
@@ -185,6 +193,12 @@ class PdfConfig(_Model):
     text_layer_min_quality: float = Field(
         0.97, ge=0, le=1, description="...and at least this fraction of them printable (no U+FFFD, control or "
         "private-use glyphs, which broken font encodings produce)."
+    )
+    page_window: int = Field(
+        1, ge=1, le=4, description="Pages per unit of the `table` task: 2 makes each table unit a page and the next "
+        "one (tables that run over a page break), sent as two images in one prompt; the last page's window holds "
+        "it alone. Result rows keep `page`'s unit_index (the first page) and list every page in `pages`. Window "
+        "units are never tiled (each page fits the pixel budget). Other tasks keep one page per unit.",
     )
 
     @model_validator(mode="after")
@@ -340,6 +354,15 @@ class EngineConfig(_Model):
         return self
 
 
+class ExampleConfig(_Model):
+    """One few-shot example: an image and the answer the model should give for it (pipeline/examples.py)."""
+
+    image: str = Field(..., min_length=1, description="URI of the example image (any fsspec URI, e.g. s3://b/ex1.png); "
+                       "read once per engine actor through the same storage layer, limits and slicing as inputs.")
+    answer: str = Field(..., description="The answer to the task's prompt for that image, put in as the model's "
+                        "own earlier reply.")
+
+
 class TaskConfig(_Model):
     """One task run over every unit it applies to."""
 
@@ -367,6 +390,20 @@ class TaskConfig(_Model):
         None, ge=1, description="Token cap of a retry after a reply cut at the cap (`reply_truncated`); unset keeps "
         "`max_new_tokens`. Other failed checks retry with `max_new_tokens`."
     )
+    examples: list[ExampleConfig] = Field(
+        default_factory=list, max_length=8,
+        description="Few-shot examples (image and answer pairs) put before each unit as earlier user/assistant turns, "
+        "in the model generation's own multi-image chat format; the user turn of each example is its image and this "
+        "task's prompt. Not for `video_caption`, nor MiniCPM-V 2.0 (one image per prompt). Their content (image "
+        "bytes and answers) is part of the resume fingerprint.",
+    )
+
+    @model_validator(mode="after")
+    def _examples_apply(self) -> "TaskConfig":
+        if self.examples and self.name == "video_caption":
+            raise ValueError("tasks[].examples: few-shot examples are images and cannot go before a video clip; "
+                             "remove `examples` from the video_caption task")
+        return self
 
     @field_validator("retry_temperatures")
     @classmethod

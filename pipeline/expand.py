@@ -48,6 +48,8 @@ def _source_row(src: dict[str, Any], media_type: str | None, **extra: Any) -> di
         "preprocess_ms": None,
         "prompt": src.get("prompt"),
         "content_hash": src.get("content_hash"),
+        "frame_sizes": None,
+        "pages": None,
     }
     row.update(extra)
     return row
@@ -189,6 +191,79 @@ CHUNK_UNITS = 8
 CHUNK_BYTES = 16 * 2**20
 
 
+#: The task whose PDF units are windows of `pdf.page_window` pages (tables that run over a page break).
+WINDOW_TASK = "table"
+
+
+class _PageWindows:
+    """The `table` task's units of one PDF with `pdf.page_window` = n > 1: page k and the n-1 pages
+    after it, one unit per page k, as n images in one prompt.
+
+    Rows keep page k's `unit_index` and list their pages in `pages`. Each page is fit to the pixel
+    budget like an untiled page (`ExpandSource._fit`; windows are never tiled) and held without a
+    copy (its render buffer kept alive) for at most n-1 later renders. A window
+    ends early at a page that failed (flag `page_window_cut`; the failed page's own window is its
+    error row) and at the document's end (the last page's window holds it alone, no flag); pages
+    beyond `limits.max_pixels` in total are left out (flag `page_window_capped`).
+    """
+
+    def __init__(self, stage: "ExpandSource", src: dict[str, Any], media_type: str, size: int) -> None:
+        self.stage, self.media_type, self.size = stage, media_type, size
+        self.src = {**src, "tasks": [WINDOW_TASK]}
+        self.open: list[dict[str, Any]] = []  # windows still waiting for pages, oldest first
+
+    def add(self, unit: MediaUnit, ms: float) -> Iterator[dict[str, Any]]:
+        """The windows that are complete once page `unit` is rendered."""
+        if unit.error_type is not None or not unit.frames:
+            for window in self.open:
+                window["flags"].append("page_window_cut")
+            yield from self._close(len(self.open))
+            yield from self.stage._unit_rows(self.src, self.media_type, unit, ms)  # the page's own error row
+            return
+        # The fit page may be a view of the render's buffer (a MuPDF pixmap): the windows holding it
+        # keep that buffer alive (`keep`) instead of copying 20 MB a page; the row copies it once.
+        frame = self.stage._fit(unit.frames[0], False)
+        keep = unit.keepalive
+        for window in self.open:
+            window["preprocess_ms"] += ms
+            if window["pixels_total"] + frame.shape[0] * frame.shape[1] > self.stage.job.limits.max_pixels:
+                if "page_window_capped" not in window["flags"]:
+                    window["flags"].append("page_window_capped")
+                window["full"] = True
+            elif not window["full"]:
+                window["frames"].append(frame)
+                window["keep"].append(keep)
+                window["pages"].append(unit.unit_index)
+                window["pixels_total"] += frame.shape[0] * frame.shape[1]
+        self.open.append({"columns": _unit_columns(unit), "frames": [frame], "keep": [keep], "pages": [unit.unit_index],
+                          "flags": list(unit.flags), "preprocess_ms": ms,
+                          "pixels_total": frame.shape[0] * frame.shape[1], "full": False})
+        done = 0
+        while done < len(self.open) and (self.open[done]["full"] or len(self.open[done]["pages"]) >= self.size):
+            done += 1
+        yield from self._close(done)
+
+    def finish(self) -> Iterator[dict[str, Any]]:
+        """The windows still open at the document's end (or where it stopped)."""
+        yield from self._close(len(self.open))
+
+    def _close(self, n: int) -> Iterator[dict[str, Any]]:
+        closing, self.open = self.open[:n], self.open[n:]
+        for window in closing:
+            yield self._row(window)
+
+    def _row(self, window: dict[str, Any]) -> dict[str, Any]:
+        frames, cols = window["frames"], dict(window["columns"])
+        # The text layer is one page's; a window's prompt gets none (text_layer hint/use are per page).
+        cols.update(text_layer=None, text_layer_quality=None, flags=window["flags"])
+        pixels = ExpandSource._pixels(frames)
+        sizes = [[f.shape[1], f.shape[0]] for f in frames]
+        return _source_row(self.src, self.media_type, **cols, **pixels, preprocess_ms=window["preprocess_ms"],
+                           _keepalive=window["keep"],
+                           frame_sizes=sizes if len({tuple(s) for s in sizes}) > 1 else None,
+                           pages=window["pages"])
+
+
 class ExpandSource:
     """Callable class for `Dataset.map_batches`: source rows in, tables of unit rows out (streamed)."""
 
@@ -298,6 +373,9 @@ class ExpandSource:
             rec = guard.recorded(-1) or guard.stop_record
             yield _source_row(src, None, error_type=rec.kind, error_message=source_message(rec)), 0
             return
+        if src.get("parts"):
+            yield from self._parts_items(src, t0)
+            return
         try:
             # The listing's size saves one request per object.
             data = storage.read_bytes(src["source_uri"], self.job.storage, max_bytes=self.job.limits.max_bytes,
@@ -360,6 +438,53 @@ class ExpandSource:
                               error_message=f"preprocessing this {media_type} failed unexpectedly "
                               f"({type(err).__name__}): {describe(err)}"), 0
 
+    def _parts_items(self, src: dict[str, Any], t0: float) -> Iterator[tuple[Any, int]]:
+        """A multi-image manifest row (input.manifest_images_column): ONE `image` unit of all its
+        images, in the order listed, each read, decoded (first frame) and fit like an image source's,
+        never tiled. Any image that cannot be read or decoded, or all of them together over
+        limits.max_pixels, makes the row's error row, naming the image."""
+        from pipeline import storage
+        from pipeline.config import ImageConfig
+        from pipeline.media.base import describe
+        from pipeline.media.image import expand_image
+
+        tasks = [t for t in src["tasks"] if "image" in self.task_kinds[t]]
+        if not tasks:
+            yield _source_row(src, "image", error_type="task_not_applicable",
+                              error_message=f"no task of this job applies to image units; tasks: {', '.join(src['tasks'])}"), 0
+            return
+        src, j = {**src, "tasks": tasks}, self.job
+        frames, flags, total = [], [], 0
+        for k, uri in enumerate(src["parts"]):
+            what = f"image {k} of the row ({storage.redact(uri, j.storage)})"
+            try:
+                data = storage.read_bytes(uri, j.storage, max_bytes=j.limits.max_bytes)
+                unit = next(expand_image(data, ImageConfig(multi_frame="first"), j.limits))
+            except storage.ObjectTooLargeError as err:
+                yield _source_row(src, "image", error_type="too_large", error_message=f"{what}: {err}"), 0
+                return
+            except MediaError as err:
+                yield _source_row(src, "image", error_type=err.error_type, error_message=f"{what}: {err.message}"), 0
+                return
+            except Exception as err:  # noqa: BLE001 - a read failure is the row's error, never the job's
+                msg = storage.redact(f"{what} could not be read: {describe(err)}", j.storage)
+                yield _source_row(src, "image", error_type="read_failed", error_message=msg), 0
+                return
+            frame = self._fit(unit.frames[0], False)
+            total += frame.shape[0] * frame.shape[1]
+            if total > j.limits.max_pixels:
+                yield _source_row(src, "image", error_type="image_too_large",
+                                  error_message=f"the row's first {k + 1} images take {total} pixels together, over "
+                                  f"limits.max_pixels={j.limits.max_pixels}"), 0
+                return
+            frames.append(frame)
+            flags += [f for f in unit.flags if f not in flags]
+        sizes = [[f.shape[1], f.shape[0]] for f in frames]
+        row = _source_row(src, "image", unit_index=0, unit_kind="image", flags=flags, **self._pixels(frames),
+                          preprocess_ms=(time.perf_counter() - t0) * 1000.0,
+                          frame_sizes=sizes if len({tuple(x) for x in sizes}) > 1 else None)
+        yield row, _nbytes(row)
+
     def _media_items(self, src: dict[str, Any], media_type: str, data: bytes, t0: float,
                      guard: SourceGuard) -> Iterator[tuple[Any, int]]:
         """An image's frames or a video's clips, in order. A unit a worker was stopped on, or the
@@ -401,6 +526,12 @@ class ExpandSource:
         """
         from pipeline.media.pdf import StopDocument, plan_pdf
 
+        windows = None
+        if self.job.pdf.page_window > 1 and WINDOW_TASK in src["tasks"]:
+            # The table task runs on windows of pages (_PageWindows); every other task on pages.
+            windows = _PageWindows(self, src, media_type, self.job.pdf.page_window)
+            src = {**src, "tasks": [t for t in src["tasks"] if t != WINDOW_TASK]}
+
         def on_page(index: int, n_pages: int) -> MediaUnit | None:
             guard.n_units = n_pages
             if not guard.enter(index):
@@ -424,7 +555,12 @@ class ExpandSource:
                 size = plan.size
                 unit = plan.render()
                 ms = planned_ms + (time.perf_counter() - start) * 1000.0
-                if meta is not None and size is not None and self._as_planned(unit, size, n_flags[k]):
+                if windows is not None:
+                    for row in windows.add(unit, ms):
+                        yield row, _nbytes(row)
+                if not src["tasks"]:
+                    pass  # a job of windowed tables only: the page has no row of its own
+                elif meta is not None and size is not None and self._as_planned(unit, size, n_flags[k]):
                     yield _with_pixels(meta.slice(k, 1), unit, ms), unit.frames[0].nbytes
                 else:
                     for row in self._unit_rows(src, media_type, unit, ms):
@@ -434,6 +570,10 @@ class ExpandSource:
             last = time.perf_counter()
             if guard.stopped_at is not None:
                 break
+        if windows is not None:
+            for row in windows.finish():
+                yield row, _nbytes(row)
+            src = windows.src  # the stop row below stands for the windows not reached too
         if guard.stopped_at is not None:
             groups.close()
             yield from ((row, 0) for row in self._unit_rows(src, media_type, guard.stop_unit("page"), 0.0))
@@ -441,7 +581,7 @@ class ExpandSource:
     def _group_table(self, src: dict[str, Any], group: list, media_type: str = "pdf") -> "pa.Table | None":
         """The rows of a group of planned pages as they will be once rendered, pixels aside (None
         when no page in it has a planned size)."""
-        if not any(p.size is not None for p in group):
+        if not src["tasks"] or not any(p.size is not None for p in group):
             return None
         rows = []
         for plan in group:

@@ -55,14 +55,17 @@ class Verdict:
         return self.error_message is None
 
 
-def estimate_text_tokens(text: str, count: Callable[[str], int | None] | None = None) -> int:
-    """Tokens of `text` as the engine renders it; without a tokenizer, a generous character estimate."""
+def estimate_text_tokens(text: str, count: Callable[..., int | None] | None = None,
+                         examples: tuple[tuple[str, str], ...] = ()) -> int:
+    """Tokens of `text` as the engine renders it, after the few-shot `examples` ((prompt, answer)
+    turns); without a tokenizer, a generous character estimate."""
     if count is not None:
-        n = count(text)
+        n = count(text, examples) if examples else count(text)
         if n is not None:
             return int(n)
-    # ~4 characters per token for English, fewer for CJK or digits: err high; plus the chat frame.
-    return math.ceil(len(text.encode("utf-8")) / 3) + 16
+    # ~4 characters per token for English, fewer for CJK or digits: err high; plus each turn's frame.
+    chars = len(text.encode("utf-8")) + sum(len(p.encode("utf-8")) + len(a.encode("utf-8")) for p, a in examples)
+    return math.ceil(chars / 3) + 16 * (1 + 2 * len(examples))
 
 
 def visual_tokens(
@@ -76,15 +79,25 @@ def visual_tokens(
     downsample_mode: str | None = None,
     use_image_id: bool | None = None,
     stack_units: list[int] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> int:
     """Placeholder tokens the processor expands this unit's images (or clip frames) to, plus the
     separator the engine writes after each image (clip) placeholder (`models.separator_tokens`).
 
     `stack_units`: a clip in 4.6's stack_frames layout, as `StackLayout.units()` lists it.
+    `sizes`: every image of the prompt as (width, height), in placeholder order (few-shot examples'
+    images, then the unit's: a page window's pages may differ in size); image ids count through all
+    of them. Unset: `num_images` images of width x height.
     """
     from pipeline.media.slicing import plan_image, plan_stacked_video, plan_video
     from pipeline.models import separator_tokens
 
+    if sizes is not None and unit_kind != "clip":
+        return sum(
+            plan_image(family, w, h, max_slice_nums=max_slice_nums, downsample_mode=downsample_mode,
+                       use_image_id=use_image_id, image_index=k).placeholder_tokens
+            for k, (w, h) in enumerate(sizes)
+        )
     if not num_images or not width or not height:
         return 0
     sep = separator_tokens(family)
@@ -115,6 +128,7 @@ def check_unit(
     use_image_id: bool | None = None,
     reslice: bool = True,
     stack_units: list[int] | None = None,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> Verdict:
     """Decide whether a unit fits `limit` tokens, re-slicing it when allowed.
 
@@ -124,7 +138,8 @@ def check_unit(
 
     def est(slices: int | None) -> Estimate:
         vis = visual_tokens(family, unit_kind, width, height, num_images, max_slice_nums=slices,
-                            downsample_mode=downsample_mode, use_image_id=use_image_id, stack_units=stack_units)
+                            downsample_mode=downsample_mode, use_image_id=use_image_id, stack_units=stack_units,
+                            sizes=sizes)
         return Estimate(text_tokens, vis, max_new_tokens, slices if num_images and unit_kind != "clip" else None)
 
     first = est(max_slice_nums)

@@ -61,6 +61,22 @@ class InferStage:
         self.engine: Engine = make_engine(job, model_dir, ctx.family, ctx.engine)
         self.rebuilds_left = MAX_ENGINE_REBUILDS
         self.context_limit = _context_limit(job, ctx.engine, model_dir)
+        from pipeline.examples import ExampleCache
+
+        # Few-shot examples: read and preprocessed on first use, once per actor (pipeline/examples.py).
+        self.examples = ExampleCache(job, self._fit_example)
+        self._expander: Any = None
+
+    def _fit_example(self, frame: Any) -> Any:
+        """An example image resized as the expand stage resizes a unit's image (never tiled)."""
+        if self._expander is None:
+            from pipeline.expand import ExpandSource
+            from pipeline.models import get_family, pixel_budget
+
+            spec = get_family(self.ctx.family)
+            budget = pixel_budget(spec, self.job.model.max_slice_nums or spec.image_max_slice_nums)
+            self._expander = ExpandSource(self.job, budget, {}, self.ctx.family)
+        return self._expander._fit(frame, False)
 
     def __call__(self, batch: "pa.Table") -> "pa.Table":
         from schemas.records import STREAM_SCHEMA, to_table
@@ -98,16 +114,21 @@ class InferStage:
             pending, requests = [i for i, _ in retry], [r for _, r in retry]
         return outcomes
 
-    def _guard(self, unit: dict[str, Any], task: ResolvedTask) -> "Verdict | None":
-        """Estimate the unit's prompt against the context limit (None: no limit known, no check)."""
+    def _guard(self, unit: dict[str, Any], task: ResolvedTask, examples: list[Any] = ()) -> "Verdict | None":
+        """Estimate the unit's prompt, few-shot `examples` included, against the context limit (None:
+        no limit known, no check)."""
         from pipeline.guards import check_unit, estimate_text_tokens
 
         if self.context_limit is None:
             return None
         m = self.job.model
         count = getattr(self.engine, "count_text_tokens", None)
-        text_tokens = estimate_text_tokens(self._prompt(unit, task), count)
+        text_tokens = estimate_text_tokens(self._prompt(unit, task), count,
+                                           tuple((ex.prompt, ex.answer) for ex in examples))
         is_clip = unit["unit_kind"] == "clip"
+        sizes = None
+        if examples or unit.get("frame_sizes"):
+            sizes = [(im.shape[1], im.shape[0]) for ex in examples for im in ex.images] + _frame_sizes(unit)
         # Re-slicing needs an engine that takes max_slice_nums per request (vLLM's `minicpmv` does not).
         reslice = self.job.engine.reslice_on_overflow and bool(
             getattr(self.engine, "per_request_slices", True))
@@ -117,7 +138,7 @@ class InferStage:
                 text_tokens, task.max_new_tokens, self.context_limit,
                 max_slice_nums=None if is_clip else m.max_slice_nums,
                 downsample_mode=m.downsample_mode, use_image_id=None if is_clip else m.use_image_id,
-                reslice=reslice, stack_units=self._stack_units(unit),
+                reslice=reslice, stack_units=self._stack_units(unit), sizes=sizes,
             )
         except ValueError as err:  # a family or setting slicing.py does not model: let the engine decide
             log.debug("no prompt estimate for %s: %s", unit["source_uri"], err)
@@ -148,13 +169,22 @@ class InferStage:
                     else:  # no row of its own, but the driver counts every (unit, task) pair
                         out.append(self._row(unit, task, now, status=NO_ROW_KIND, unit_kind=NO_ROW_KIND))
                 else:
-                    verdict = self._guard(unit, task)
+                    try:
+                        examples = self.examples.get(task.name, task.prompt) if task.examples else []
+                    except Exception as exc:  # noqa: BLE001 - the task's examples failed to load: its rows say so
+                        from pipeline.examples import EXAMPLES_UNREADABLE
+
+                        out.append(self._row(unit, task, now, status="error", error_type=EXAMPLES_UNREADABLE,
+                                             error_message=str(exc)[:2000]))
+                        continue
+                    verdict = self._guard(unit, task, examples)
                     if verdict is not None and not verdict.ok:
                         out.append(self._row(unit, task, now, status="error", error_type=PROMPT_TOO_LONG,
                                              error_message=verdict.error_message))
                         continue
                     try:
                         request = self._request(unit, task)
+                        request.examples = list(examples)
                     except Exception as exc:  # noqa: BLE001 - a unit whose pixels cannot be read fails alone
                         from pipeline.media.base import describe
 
@@ -178,9 +208,9 @@ class InferStage:
     def _request(self, unit: dict[str, Any], task: ResolvedTask) -> Request:
         import numpy as np
 
-        h, w = unit["height"], unit["width"]
         # bytearray: a writable copy (torch warns on read-only buffers and may write in place)
-        frames = [np.frombuffer(bytearray(b), dtype=np.uint8).reshape(h, w, 3) for b in unit["pixels"]]
+        frames = [np.frombuffer(bytearray(b), dtype=np.uint8).reshape(h, w, 3)
+                  for b, (w, h) in zip(unit["pixels"], _frame_sizes(unit), strict=True)]
         m = self.job.model
         opts = {} if unit["unit_kind"] == "clip" else {
             k: v for k, v in (("max_slice_nums", m.max_slice_nums), ("use_image_id", m.use_image_id),
@@ -332,9 +362,18 @@ class InferStage:
             # the text the engine was given, where a per-row prompt made it (pipeline/rowdata.py)
             "prompt": self._prompt(unit, task) if unit.get("prompt") else None,
             "content_hash": unit.get("content_hash"),
+            "pages": unit.get("pages"),
         }
         row.update(extra)
         return row
+
+
+def _frame_sizes(unit: dict[str, Any]) -> list[tuple[int, int]]:
+    """(width, height) of each of a unit row's frames: `frame_sizes` where the frames differ in size
+    (a page window), else width x height for all of them."""
+    if unit.get("frame_sizes"):
+        return [(int(w), int(h)) for w, h in unit["frame_sizes"]]
+    return [(unit["width"], unit["height"])] * len(unit["pixels"] or [])
 
 
 #: Test and benchmark hook: a file to which every engine call appends one line per request (one

@@ -82,17 +82,38 @@ def inspect_sources(job: JobConfig, family: str, sources: Any) -> Iterator[tuple
     tasks = {t.name: resolve_task(t) for t in job.tasks}
     expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()},
                             family)
+    examples = example_sizes(job, expander)
     for src in sources:
-        row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks)}
+        row = {"source_uri": src.uri, "source_id": src.source_id, "size": src.size, "tasks": list(tasks),
+               "parts": list(src.parts)}
         records = []
         for table in expander(pa.Table.from_pylist([row])):
             # Pixels are not needed here: drop them before converting to Python objects.
-            records.extend(unit_record(unit, job, family) for unit in table.drop_columns(["pixels"]).to_pylist())
+            records.extend(unit_record(unit, job, family, examples) for unit in table.drop_columns(["pixels"]).to_pylist())
         yield src, records
 
 
-def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
-    """The JSON record of one unit row (UNITS_SCHEMA, without pixels)."""
+def example_sizes(job: JobConfig, expander: Any) -> dict[str, list[tuple[int, int]]]:
+    """task -> sizes of its few-shot example images after the engine actor's resize (pipeline/examples.py).
+    Reads each image once; ConfigError naming the example when one cannot be read."""
+    from pipeline.examples import ExampleCache
+
+    cache = ExampleCache(job, lambda frame: expander._fit(frame, False))
+    out = {}
+    for t in job.tasks:
+        if t.examples:
+            try:
+                examples = cache.get(t.name, "")
+            except RuntimeError as err:
+                raise ConfigError(str(err)) from None
+            out[t.name] = [(im.shape[1], im.shape[0]) for ex in examples for im in ex.images]
+    return out
+
+
+def unit_record(unit: dict[str, Any], job: JobConfig, family: str,
+                examples: dict[str, list[tuple[int, int]]] | None = None) -> dict[str, Any]:
+    """The JSON record of one unit row (UNITS_SCHEMA, without pixels); `examples`: task -> sizes of its
+    few-shot example images (`example_sizes`), counted into `prompt_placeholder_tokens`."""
     text = unit.get("text_layer")
     rec: dict[str, Any] = {
         "source_uri": unit["source_uri"],
@@ -126,13 +147,14 @@ def unit_record(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, 
     if unit["error_type"] is not None or not unit["width"] or not unit["height"]:
         return rec
     try:
-        rec.update(_plan(unit, job, family))
+        rec.update(_plan(unit, job, family, examples or {}))
     except ValueError as err:  # e.g. a clip for a generation without video
         rec["plan_error"] = str(err)
     return rec
 
 
-def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
+def _plan(unit: dict[str, Any], job: JobConfig, family: str,
+          examples: dict[str, list[tuple[int, int]]]) -> dict[str, Any]:
     m = job.model
     w, h = unit["width"], unit["height"]
     spec = slicing.get_slice_spec(family)
@@ -166,6 +188,23 @@ def _plan(unit: dict[str, Any], job: JobConfig, family: str) -> dict[str, Any]:
                                    use_image_id=use_id)
         visual, placeholder = frame.visual_tokens, frame.placeholder_tokens
         extra = {}
+        sizes = unit.get("frame_sizes") or [(w, h)] * (unit["num_frames"] or 1)
+        if len(sizes) > 1:
+            # A multi-image unit (a page window): every image, ids counting through them.
+            plans = [slicing.plan_image(family, fw, fh, max_slice_nums=m.max_slice_nums, downsample_mode=mode,
+                                        use_image_id=use_id, image_index=k) for k, (fw, fh) in enumerate(sizes)]
+            visual = sum(p.visual_tokens for p in plans)
+            placeholder = sum(p.placeholder_tokens for p in plans)
+            extra = {"pages": unit.get("pages"), "images": len(sizes)}
+        if examples:
+            # Per task with few-shot examples: the placeholder tokens of the whole prompt, examples'
+            # images first (their ids come first), as the engine sends it.
+            extra["prompt_placeholder_tokens"] = {
+                task: sum(slicing.plan_image(family, fw, fh, max_slice_nums=m.max_slice_nums, downsample_mode=mode,
+                                             use_image_id=use_id, image_index=k).placeholder_tokens
+                          for k, (fw, fh) in enumerate([*ex_sizes, *sizes]))
+                for task, ex_sizes in examples.items() if task in unit["tasks"]
+            }
     return {
         "slice_grid": None if frame.grid is None else list(frame.grid),
         "overview": list(frame.overview),

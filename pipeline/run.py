@@ -230,7 +230,7 @@ def _plan_work(job: JobConfig, layout: Any, fps: dict[str, str], retry: RetryPol
                     if f["task"] in need and retry.retries(f["error_type"]):
                         retried[f["error_type"]] += 1
             work[s.source_id] = SourceWork(s.uri, s.source_id, s.size, tuple(need), sink.prior_of(state),
-                                           s.manifest_row, prompt, prompt_error)
+                                           s.manifest_row, prompt, prompt_error, s.parts)
     summary.retried.update(retried)
     summary.counts.update(sources=len(sources), skipped_committed=len(sources) - len(work), processed=len(work),
                           retried_sources=sum(1 for w in work.values() if w.prior is not None))

@@ -44,6 +44,7 @@ class Source:
     mtime: str | None
     # the first manifest row naming it (per-row prompt, pass-through columns); not part of the file's identity
     manifest_row: int | None = field(default=None, compare=False)
+    parts: tuple[str, ...] = ()  # a multi-image manifest row: its image URIs (input.manifest_images_column)
 
 
 def source_id(uri: str, etag: str | None, size: int | None, mtime: str | None) -> str:
@@ -66,7 +67,13 @@ def discover(cfg: InputConfig, storage: StorageConfig, manifest: pa.Table | None
     for entry in cfg.uris:
         for src in expand(entry, storage):
             found.setdefault(src.uri, src)
-    if cfg.manifest:
+    if cfg.manifest and cfg.manifest_images_column:
+        # one source per row, in row order: the row index carries its prompt and pass-through columns
+        groups = read_manifest_groups(cfg.manifest, cfg.manifest_images_column, storage)
+        for i, src in enumerate(image_groups(groups, storage)):
+            if src.uri not in found or found[src.uri].manifest_row is None:
+                found[src.uri] = replace(src, manifest_row=i)
+    elif cfg.manifest:
         table = manifest if manifest is not None else read_manifest_table(cfg.manifest, storage)
         uris = manifest_uris(table, cfg.manifest, cfg.manifest_column)
         first: dict[str, int] = {}
@@ -251,3 +258,58 @@ def _list_dir(fs: fsspec.AbstractFileSystem, parent: str) -> dict[str, dict[str,
         return {fs._strip_protocol(i["name"]): i for i in fs.ls(parent, detail=True)}
     except FileNotFoundError:
         return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-image manifest rows (input.manifest_images_column)
+
+#: Separator of the URIs of one multi-image row in a string column, and in its `source_uri`.
+PARTS_SEPARATOR = "|"
+
+
+def read_manifest_groups(uri: str, column: str, storage: StorageConfig) -> list[list[str]]:
+    """Each row's image URIs from column `column`: a list of strings, or a `|`-separated string."""
+    fs, path = st.get_fs(uri, storage)
+    if not fs.exists(path):
+        raise NoMatchError(f"manifest {st.redact(uri)!r} does not exist")
+    table = _read_table(fs, path, uri)
+    if column not in table.column_names:
+        raise ValueError(f"manifest {st.redact(uri)!r} has no column {column!r} (input.manifest_images_column); "
+                         f"its columns are: {', '.join(table.column_names) or '(none)'}")
+    values = table.column(column)
+    kind = values.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        rows = [[p.strip() for p in (v or "").split(PARTS_SEPARATOR)] for v in values.to_pylist()]
+    elif (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_string(kind.value_type):
+        rows = [[(p or "").strip() for p in (v or [])] for v in values.to_pylist()]
+    else:
+        raise ValueError(f"manifest {st.redact(uri)!r}: column {column!r} must hold lists of URIs or `|`-separated "
+                         f"strings, not {kind}")
+    bad = [i for i, parts in enumerate(rows) if not parts or not all(parts)]
+    if bad:
+        raise ValueError(f"manifest {st.redact(uri)!r}: empty URI(s) in {column!r} in row(s) {bad[:10]} (0-based)")
+    return rows
+
+
+def image_groups(rows: list[list[str]], storage: StorageConfig) -> list[Source]:
+    """One source per row of image URIs: `source_uri` is the URIs joined by `|`, `source_id` changes
+    when any image changes (it hashes the images' own ids), `size` is their total."""
+    resolved = {s.uri: s for s in _resolve_many([u for row in rows for u in row], storage)}
+    canonical: dict[str, Source] = {}
+    for uri in {u for row in rows for u in row}:
+        fs, path = st.get_fs(uri, storage)
+        found = resolved.get(st.to_uri(fs, path))
+        if found is None:
+            raise NoMatchError(f"manifest image {st.redact(uri)!r} names a directory or no file: each URI of "
+                               f"input.manifest_images_column must name one image file")
+        canonical[uri] = found
+    out = []
+    for row in rows:
+        parts = [canonical[u] for u in row]
+        ids = "\n".join(p.source_id for p in parts)
+        sizes = [p.size for p in parts]
+        out.append(Source(uri=PARTS_SEPARATOR.join(p.uri for p in parts),
+                          source_id=hashlib.sha256(f"parts\n{ids}".encode()).hexdigest()[:32],
+                          size=None if None in sizes else sum(sizes), etag=None, mtime=None,
+                          parts=tuple(p.uri for p in parts)))
+    return out

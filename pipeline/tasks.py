@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pipeline.config import JobConfig, ModelConfig, TaskConfig
+from pipeline.config import ExampleConfig, JobConfig, LimitsConfig, ModelConfig, StorageConfig, TaskConfig
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class ResolvedTask:
     retries: int = 0  # reply-check retries (pipeline/checks.py)
     retry_temperatures: tuple[float, ...] = ()
     retry_max_new_tokens: int | None = None
+    examples: tuple[ExampleConfig, ...] = ()  # few-shot examples (pipeline/examples.py)
 
     def retry_temperature(self, retry: int) -> float:
         """Temperature of retry number `retry` (1-based): the schedule's entry, its last one past its end,
@@ -112,9 +113,11 @@ def resolve_task(cfg: TaskConfig) -> ResolvedTask:
         version = "custom-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
     if cfg.text_layer == "hint":
         version += "+hint"  # a different question: a rerun must not mix hinted and plain answers
+    if cfg.examples:
+        version += f"+fewshot{len(cfg.examples)}"  # which examples: the fingerprint's content hash
     return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature,
                         cfg.text_layer, cfg.hint_max_chars, cfg.retries, tuple(cfg.retry_temperatures),
-                        cfg.retry_max_new_tokens)
+                        cfg.retry_max_new_tokens, tuple(cfg.examples))
 
 
 def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobConfig | None = None) -> str:
@@ -138,6 +141,13 @@ def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobC
     }
     if job is not None:
         payload.update(unit_settings(job, task.unit_kinds))
+        if task.name == "table" and job.pdf.page_window > 1:
+            payload["page_window"] = job.pdf.page_window  # table units are windows of pages
+    if task.examples:  # their content: a changed image under the same URI redoes the work
+        from pipeline.examples import examples_digest
+
+        payload["examples"] = examples_digest(list(task.examples), job.storage if job else StorageConfig(),
+                                              job.limits if job else LimitsConfig())
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,7 +160,8 @@ def unit_settings(job: JobConfig, unit_kinds: frozenset[str]) -> dict[str, objec
     """
     out: dict[str, object] = {}
     if "page" in unit_kinds:
-        out["pdf"] = job.pdf.model_dump(exclude={"plan_ahead_pages"})
+        # page_window changes the table task's units only (added by `fingerprint` for it).
+        out["pdf"] = job.pdf.model_dump(exclude={"plan_ahead_pages", "page_window"})
     if "image" in unit_kinds:
         out["image"] = job.image.model_dump()
     if unit_kinds & {"page", "image"}:

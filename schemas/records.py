@@ -76,6 +76,9 @@ RESULTS_SCHEMA = pa.schema(
         # these rows copy (null: inferred for this source itself)
         pa.field("content_hash", pa.string()),
         pa.field("dedup_of", pa.string()),
+        # A multi-image unit's pages (pdf.page_window for `table`: unit_index is the first; null for
+        # one-page units), in the order the model saw them.
+        pa.field("pages", pa.list_(pa.int32())),
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -180,5 +183,9 @@ UNITS_SCHEMA = pa.schema(
         pa.field("content_hash", pa.string()),  # input.dedup content
         # end markers of a duplicate only: the source_id whose units stand for this source's (pipeline/dedup.py)
         pa.field("dedup_of", pa.string()),
+        # Multi-image units whose images differ in size (a page window): (width, height) of each
+        # entry of `pixels`; null when every frame is width x height.
+        pa.field("frame_sizes", pa.list_(pa.list_(pa.int32(), 2))),
+        pa.field("pages", pa.list_(pa.int32())),  # a page window's pages (RESULTS_SCHEMA `pages`)
     ]
 )

@@ -24,6 +24,16 @@ class VideoStack:
     max_num_frames: int  # the processor's max_num_frames (the job's video.max_frames_per_clip)
 
 
+@dataclass(frozen=True)
+class Example:
+    """A few-shot example (tasks[].examples): an earlier user turn of `images` (RGB uint8 HxWx3, preprocessed
+    like a unit's) and `prompt`, and the assistant's reply `answer`, put before the request's own turn."""
+
+    images: tuple[np.ndarray, ...]
+    prompt: str
+    answer: str
+
+
 @dataclass
 class Request:
     """One unit and task to run: a prompt plus the images (RGB uint8 HxWx3 arrays) it refers to."""
@@ -36,6 +46,15 @@ class Request:
     # Per-request processor options (max_slice_nums, use_image_id, downsample_mode); None = family default.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     stack: VideoStack | None = None  # a clip in 4.6's stack_frames layout (engines that can take it)
+    examples: list[Example] = field(default_factory=list)  # few-shot turns before this one (images only)
+
+    def all_images(self) -> list[np.ndarray]:
+        """Every image of the prompt in placeholder order: the examples' images, then the unit's."""
+        return [im for ex in self.examples for im in ex.images] + list(self.images)
+
+    def texts(self) -> list[str]:
+        """Every text the caller wrote into the prompt (examples' prompts and answers, then the prompt)."""
+        return [t for ex in self.examples for t in (ex.prompt, ex.answer)] + [self.prompt]
 
 
 @dataclass
@@ -65,9 +84,10 @@ class Engine(abc.ABC):
         means the whole batch failed (the stage then retries requests one at a time).
         """
 
-    def count_text_tokens(self, text: str) -> int | None:
-        """Tokens of `text` as the prompt of one user turn (chat template included), for the
-        prompt-length guard (pipeline/guards.py); None: this engine cannot tell, the guard estimates."""
+    def count_text_tokens(self, text: str, examples: tuple[tuple[str, str], ...] = ()) -> int | None:
+        """Tokens of `text` as the prompt of one user turn (chat template included) after the few-shot
+        `examples` ((prompt, answer) turns), for the prompt-length guard (pipeline/guards.py); None:
+        this engine cannot tell, the guard estimates."""
         return None
 
     def model_info(self) -> dict[str, str]:
@@ -102,7 +122,9 @@ def check_stack(request: Request, supported: bool) -> None:
 
 def check_visuals(request: Request, stack_ok: bool = False) -> None:
     """Cheap checks that catch bad arrays before they reach (and fail) a whole engine batch."""
-    for k, image in enumerate(request.images):
+    if request.examples and request.is_video:
+        raise ValueError("few-shot examples are images: they cannot go before a video clip")
+    for k, image in enumerate(request.all_images()):
         if not isinstance(image, np.ndarray):
             raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
         if image.ndim != 3 or image.shape[2] != 3:

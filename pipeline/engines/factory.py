@@ -23,6 +23,7 @@ def _transformers(job: JobConfig, model_dir: Path | None, family: str) -> Engine
 
 def _vllm(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
     from pipeline.engines.vllm import VLLMEngine
+    from pipeline.examples import images_per_prompt
 
     m, v = job.model, job.engine.vllm
     return VLLMEngine(
@@ -31,6 +32,7 @@ def _vllm(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
         max_model_len=v.max_model_len, tensor_parallel_size=v.tensor_parallel_size,
         gpu_memory_utilization=v.gpu_memory_utilization, load_format=v.load_format,
         enforce_eager=v.enforce_eager, cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
+        max_images_per_prompt=max(8, images_per_prompt(job)),  # few-shot examples and page windows
     )
 
 
@@ -101,6 +103,9 @@ def check_job(job: JobConfig, family: str, kind: str) -> None:
         check_use_image_id(family, kind, job.model.use_image_id)
     except ValueError as err:
         raise ConfigError(f"engine.kind {kind}: {err}") from None
+    from pipeline.examples import check_examples
+
+    check_examples(job, family)
     if job.video.stack_frames > 1:
         if family not in STACK_FAMILIES:
             raise ConfigError(

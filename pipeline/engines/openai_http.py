@@ -195,15 +195,26 @@ class OpenAIEngine(Engine):
             log.exception("unexpected error in the OpenAI engine")
             return Reply(error_type=type(exc).__name__, error_message=self._redact(str(exc) or repr(exc)))
 
+    def _user_turn(self, images: Any, text: str) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": self._data_url(image)}} for image in images
+        ]
+        content.append({"type": "text", "text": text})
+        return {"role": "user", "content": content}
+
     def _body(self, request: Request) -> bytes:
         _check_request(request)
-        content: list[dict[str, Any]] = [
-            {"type": "image_url", "image_url": {"url": self._data_url(image)}} for image in request.images
-        ]
-        content.append({"type": "text", "text": request.prompt})
+        if request.examples and self.family is not None and _one_image_per_prompt(self.family):
+            raise ValueError(f"{self.family} takes one image per prompt: few-shot examples with images cannot go "
+                             f"before the unit; remove tasks[].examples")
+        # Few-shot examples are earlier user/assistant turns; the server's chat template renders them.
+        messages: list[dict[str, Any]] = []
+        for ex in request.examples:
+            messages += [self._user_turn(ex.images, ex.prompt), {"role": "assistant", "content": ex.answer}]
+        messages.append(self._user_turn(request.images, request.prompt))
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": content}],
+            "messages": messages,
             "max_tokens": int(request.max_new_tokens),
             "temperature": float(request.temperature),
         }
@@ -340,6 +351,14 @@ def _takes_request_options(family: str | None) -> bool:
     return spec is None or spec.hf_model_type != "minicpmv"
 
 
+def _one_image_per_prompt(family: str) -> bool:
+    """Whether `family` takes one image per prompt (1.0/2.0: their `<用户>` format, no chat template)."""
+    from pipeline.models import FAMILIES
+
+    spec = FAMILIES.get(family)
+    return spec is not None and spec.chat_format == "minicpm_v2"
+
+
 def _check_request(request: Request) -> None:
     """Cheap checks that catch bad input before it costs an HTTP round trip."""
     check_stack(request, supported=False)  # frames travel as separate images: no 4.6 video layout
@@ -347,7 +366,9 @@ def _check_request(request: Request) -> None:
         raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
     if request.temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {request.temperature}")
-    for k, image in enumerate(request.images):
+    if request.examples and request.is_video:
+        raise ValueError("few-shot examples are images: they cannot go before a video clip")
+    for k, image in enumerate(request.all_images()):
         if not isinstance(image, np.ndarray):
             raise TypeError(f"image {k}: expected a numpy array, got {type(image).__name__}")
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:

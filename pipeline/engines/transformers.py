@@ -157,7 +157,8 @@ class TransformersEngine(Engine):
             try:
                 options = self._options(request)
                 check_visuals(request, stack_ok=self.family in STACK_FAMILIES)
-                self._check_prompt(request.prompt)
+                for text in request.texts():
+                    self._check_prompt(text)
             except Exception as exc:  # noqa: BLE001 - any bad input becomes that request's error
                 replies[i] = error_reply(exc)
                 continue
@@ -219,7 +220,7 @@ class TransformersEngine(Engine):
         stack = request.stack
         return _Options(
             is_video=request.is_video,
-            has_visuals=bool(request.images),
+            has_visuals=bool(request.all_images()),
             max_slice_nums=int(resolved["max_slice_nums"]),
             use_image_id=bool(resolved["use_image_id"]),
             downsample_mode=str(resolved["downsample_mode"]),
@@ -234,19 +235,27 @@ class TransformersEngine(Engine):
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
 
     def _render(self, request: Request) -> str:
-        """Chat-template text with one placeholder per image (or one for the clip), then the prompt."""
+        """Chat-template text: the few-shot examples as earlier user (image items + prompt) and
+        assistant (answer) turns, then the unit's turn with one placeholder per image (or one for the
+        clip) and the prompt (the MiniCPM-V model card's few-shot layout)."""
         if request.is_video:
             content: list[dict[str, Any]] = [{"type": "video"}] if request.images else []
         else:
             content = [{"type": "image"} for _ in request.images]
         content.append({"type": "text", "text": request.prompt})
+        messages: list[dict[str, Any]] = []
+        for ex in request.examples:
+            messages.append({"role": "user", "content": [*({"type": "image"} for _ in ex.images),
+                                                         {"type": "text", "text": ex.prompt}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": ex.answer}]})
+        messages.append({"role": "user", "content": content})
         # enable_thinking=False: batch extraction wants the answer, not a reasoning trace.
         text = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, enable_thinking=False
+            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
         )
         # Guard against a template that drops visual items: the images would be silently lost.
         token = self.processor.video_token if request.is_video else self.processor.image_token
-        expected = len(content) - 1
+        expected = len(content) - 1 + sum(len(ex.images) for ex in request.examples)
         if text.count(token) != expected:
             raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {expected}")
         return text
@@ -281,7 +290,7 @@ class TransformersEngine(Engine):
                     for r in requests if r.stack is not None
                 ]
         elif options.has_visuals:
-            kwargs["images"] = [list(r.images) for r in requests]
+            kwargs["images"] = [r.all_images() for r in requests]  # in placeholder order: examples first
         return self.processor(**kwargs)
 
     def _run_group(self, options: _Options, requests: list[Request]) -> list[Reply]:

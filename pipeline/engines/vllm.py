@@ -147,6 +147,45 @@ def render_user_turn(gen: Generation, content: Any, tokenizer: Any) -> str:
     )
 
 
+def render_conversation(gen: Generation, turns: list[tuple[str, Any]], tokenizer: Any) -> str:
+    """The prompt text of a conversation (`(role, content)` turns ending with the user's) and the start
+    of the reply: few-shot examples as earlier user/assistant turns (the MiniCPM-V model card's layout,
+    which the 2.6-4.5 `chat()` renders through the tokenizer's chat template). One user turn is
+    `render_user_turn`. 1.0/2.0 take one image per prompt, so no examples: ValueError.
+    """
+    if len(turns) == 1:
+        return render_user_turn(gen, turns[0][1], tokenizer)
+    if gen.chat_format == "minicpm_v2":
+        raise ValueError(f"{gen.name} takes one image per prompt (its processor's limit): few-shot examples with "
+                         f"images cannot go before the unit; remove tasks[].examples")
+    return tokenizer.apply_chat_template(
+        [{"role": role, "content": content} for role, content in turns], tokenize=False,
+        add_generation_prompt=True, enable_thinking=False,
+    )
+
+
+def conversation_turns(gen: Generation, request: Any, image_token: str = LEGACY_IMAGE_PLACEHOLDER,
+                       video_token: str = LEGACY_VIDEO_PLACEHOLDER) -> list[tuple[str, Any]]:
+    """(role, content) turns of `request` (an engines.base.Request): each few-shot example as a user
+    turn of its images and prompt and an assistant turn of its answer, then the unit's user turn (one
+    item per image, or one for a clip). Content is a list of items for the native templates and the
+    placeholder text for 2.0-4.5 (`legacy_user_content`, as their `chat()` joins images and text);
+    the examples' images come first in multi_modal_data, as their placeholders do in the text."""
+
+    def user(n_items: int, text: str, kind: str) -> Any:
+        if gen.native:
+            return [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": text}]
+        return legacy_user_content(gen, n_items, text, video_token if kind == "video" else image_token)
+
+    turns: list[tuple[str, Any]] = []
+    for ex in request.examples:
+        turns += [("user", user(len(ex.images), ex.prompt, "image")),
+                  ("assistant", [{"type": "text", "text": ex.answer}] if gen.native else ex.answer)]
+    n_items = (1 if request.images else 0) if request.is_video else len(request.images)
+    turns.append(("user", user(n_items, request.prompt, "video" if request.is_video else "image")))
+    return turns
+
+
 def _patch_stream_capture_on_cpu() -> None:
     """vLLM's 2.x/4.0 resampler asks CUDA whether a graph is being captured; on CPU say no."""
     import torch
@@ -441,11 +480,17 @@ class VLLMEngine(Engine):
         """Whether a request may set its own max_slice_nums (the guard's re-slicing needs it)."""
         return self.gen.native
 
-    def count_text_tokens(self, text: str) -> int | None:
-        """Tokens of `text` as a text-only user turn rendered by the chat template (visual tokens
-        of the placeholders the engine adds are counted by the guard from the slicing plan)."""
+    def count_text_tokens(self, text: str, examples: tuple[tuple[str, str], ...] = ()) -> int | None:
+        """Tokens of `text` as a text-only user turn rendered by the chat template, after the
+        few-shot `examples` ((prompt, answer) pairs) as text-only turns (visual tokens of the
+        placeholders the engine adds are counted by the guard from the slicing plan)."""
+        turns: list[tuple[str, Any]] = []
+        for prompt, answer in examples:
+            turns += [("user", prompt if not self.gen.native else [{"type": "text", "text": prompt}]),
+                      ("assistant", answer if not self.gen.native else [{"type": "text", "text": answer}])]
+        turns.append(("user", text if not self.gen.native else [{"type": "text", "text": text}]))
         # Encoded as vLLM encodes a text prompt (special tokens on: 2.0/2.5's tokenizers add BOS).
-        return len(self.tokenizer.encode(self._render(text), add_special_tokens=True))
+        return len(self.tokenizer.encode(self._render(turns), add_special_tokens=True))
 
     def model_info(self) -> dict[str, str]:
         import vllm
@@ -502,33 +547,32 @@ class VLLMEngine(Engine):
     def _prompt(self, request: Request) -> dict[str, Any]:
         """vLLM prompt dict: chat-template text, multi_modal_data and mm_processor_kwargs."""
         check_visuals(request)
-        found = [t for t in self._reserved if t in request.prompt]
+        found = [t for text in request.texts() for t in self._reserved if t in text]
         if found:
             raise ValueError(f"prompt contains reserved token(s) {found}; images are attached by the engine")
         if request.is_video and not self.gen.supports_video:
             raise ValueError(f"{self.family} takes no video in vLLM")
         floor = min_image_side(self.family)
-        for image in request.images:  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
+        for image in request.all_images():  # the 2.0-4.5 processors raise on these (pipeline.models.min_image_side)
             if min(image.shape[:2]) < floor:
                 raise ValueError(f"image {image.shape[1]}x{image.shape[0]} has a side under {floor} px, "
                                  f"the least {self.family}'s processor takes")
-        if self.gen.max_images is not None and not request.is_video and len(request.images) > self.gen.max_images:
+        n_images = len(request.all_images())
+        if self.gen.max_images is not None and not request.is_video and n_images > self.gen.max_images:
             raise ValueError(f"{self.family} takes at most {self.gen.max_images} image(s) per prompt "
-                             f"(its processor's limit), got {len(request.images)}")
+                             f"(its processor's limit), got {n_images}")
         if request.is_video and len(request.images) > self.max_frames_per_video:
             raise ValueError(f"{len(request.images)} frames > max_frames_per_video={self.max_frames_per_video}")
         options = self._options(request)
         n_items = (1 if request.images else 0) if request.is_video else len(request.images)
         token = self._video_token if request.is_video else self._image_token
-        if self.gen.native:
-            kind = "video" if request.is_video else "image"
-            content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
-        else:
-            content = legacy_user_content(self.gen, n_items, request.prompt, token)
-        text = self._render(content)
+        turns = conversation_turns(self.gen, request, self._image_token, self._video_token)
+        text = self._render(turns)
         # Guard against a template that drops visual items: the images would be silently lost.
-        if text.count(token) != n_items:
-            raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")
+        expected = n_items + sum(len(ex.images) for ex in request.examples)
+        placed = text.count(token)  # a clip has no examples (check_visuals): one kind of token
+        if placed != expected:
+            raise ValueError(f"chat template placed {placed} {token} placeholder(s), expected {expected}")
         prompt: dict[str, Any] = {"prompt": text}
         if request.images:
             if request.is_video:
@@ -536,20 +580,21 @@ class VLLMEngine(Engine):
             else:
                 from PIL import Image
 
-                prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in request.images]}
+                prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in request.all_images()]}
             if self.gen.native:
                 prompt["mm_processor_kwargs"] = options
         return prompt
 
-    def _render(self, content: Any) -> str:
-        """The prompt text of one user turn (render_user_turn) as vLLM must receive it.
+    def _render(self, turns: list[tuple[str, Any]]) -> str:
+        """The prompt text of a conversation (render_conversation: few-shot turns, then the unit's
+        user turn) as vLLM must receive it.
 
         vLLM encodes a text prompt with special tokens on, so a tokenizer that adds BOS itself
         (Llama 3's, 2.5) would put a second one after the one its chat template writes: the
         template's copy is left out, giving the one BOS the model was trained with (as
         `apply_chat_template(tokenize=True)` in 2.5's original `chat()` and vLLM's OpenAI server do).
         """
-        text = render_user_turn(self.gen, content, self.tokenizer)
+        text = render_conversation(self.gen, turns, self.tokenizer)
         if self._template_bos and text.startswith(self._template_bos):
             text = text[len(self._template_bos):]
         return text
