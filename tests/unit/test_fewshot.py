@@ -190,12 +190,10 @@ def test_openai_body_has_examples_as_earlier_turns():
         assert [c["type"] for c in turn["content"]] == ["image_url", "image_url", "text"]
     finally:
         engine.close()
-    v20 = OpenAIEngine("http://127.0.0.1:9", "m", family="minicpmv2_0", max_retries=0)
-    try:
-        with pytest.raises(ValueError, match="one image per prompt"):
-            v20._body(_request([(30, 20)], (50, 60)))
-    finally:
-        v20.close()
+    # 2.0 never gets as far as a body on this engine: no OpenAI server renders its prompt (issue 12),
+    # so the engine refuses it at construction, examples or not.
+    with pytest.raises(ValueError, match="does not serve MiniCPM-V 2.0"):
+        OpenAIEngine("http://127.0.0.1:9", "m", family="minicpmv2_0", max_retries=0)
 
 
 # -- the prompt guard ---------------------------------------------------------------------------------
