@@ -33,6 +33,7 @@ def _vllm(job: JobConfig, model_dir: Path | None, family: str) -> Engine:
         gpu_memory_utilization=v.gpu_memory_utilization, load_format=v.load_format,
         enforce_eager=v.enforce_eager, cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
         max_images_per_prompt=max(8, images_per_prompt(job)),  # few-shot examples and page windows
+        max_num_seqs=v.max_num_seqs,
     )
 
 

@@ -327,6 +327,7 @@ class VLLMEngine(Engine):
         max_frames_per_video: int = 64,
         cpu_kvcache_space_gib: float = 2.0,
         seed: int = 0,
+        max_num_seqs: int | None = None,
     ) -> None:
         """Start a vLLM engine over the local checkpoint `model_dir`.
 
@@ -335,6 +336,8 @@ class VLLMEngine(Engine):
         in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`: 3-10 s instead of ~20+ s to start), sizes its
         KV cache to `cpu_kvcache_space_gib` (vLLM would otherwise take most of the RAM) and uses
         bfloat16 for dtype "auto" (vLLM's CPU kernels for the 4.6+ backbone require it).
+        `max_num_seqs` (engine.vllm.max_num_seqs) caps the sequences vLLM schedules in one step;
+        None keeps vLLM's own default.
         """
         from pipeline.models import check_use_image_id, detect_family
 
@@ -404,6 +407,8 @@ class VLLMEngine(Engine):
             limit_mm_per_prompt=limits,
             mm_processor_kwargs=engine_mm_kwargs,
             seed=seed,
+            # the job's setting, which also sizes the calls each engine actor overlaps (resources.py)
+            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
         )
         self.start_seconds = time.perf_counter() - start
         self.max_frames_per_video = max_frames_per_video

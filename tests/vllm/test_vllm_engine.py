@@ -41,6 +41,9 @@ def _build(family: str, out: Path) -> Path:
     return build_tiny(family, out)
 
 
+MAX_NUM_SEQS = 6  # not vLLM's default: the test below sees whether the setting reached the scheduler
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMEngine]:
     family = request.param
@@ -48,7 +51,7 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     assert detect_family(path) == family
     start = time.perf_counter()
     eng = VLLMEngine(str(path), trust_remote_code=not generation(family).native, load_format="dummy",
-                     enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_images_per_prompt=2)
+                     enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_images_per_prompt=2, max_num_seqs=MAX_NUM_SEQS)
     print(f"\n{family}: engine start {time.perf_counter() - start:.1f}s")
     assert eng.family == family
     yield eng
@@ -141,6 +144,11 @@ def test_stacked_clips_are_refused_alone(engine: VLLMEngine) -> None:
     ])
     assert stacked.error_type == "ValueError" and "engine.kind transformers" in stacked.error_message
     _ok(plain)
+
+
+def test_max_num_seqs_reaches_the_scheduler(engine: VLLMEngine) -> None:
+    """engine.vllm.max_num_seqs is vLLM's own per-step sequence cap (it was once accepted and dropped)."""
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == MAX_NUM_SEQS
 
 
 def test_model_info(engine: VLLMEngine) -> None:
