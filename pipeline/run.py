@@ -135,7 +135,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     if engine is not None:
         check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
-    tasks = {t.name: resolve_task(t) for t in job.tasks}
+    tasks = {t.key: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
     run_id, attempt = new_attempt(job)
     layout = sink.Layout(job.output.uri, job.storage)

@@ -36,6 +36,12 @@ class Request:
     # Per-request processor options (max_slice_nums, use_image_id, downsample_mode); None = family default.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     stack: VideoStack | None = None  # a clip in 4.6's stack_frames layout (engines that can take it)
+    # Constrained decoding (pipeline/structured.py): the reply must be JSON valid under this schema
+    # (canonical JSON text), or exactly one of `choices`. An engine that cannot constrain sends them
+    # as they are; the reply checks validate either way.
+    json_schema: str | None = None
+    choices: tuple[str, ...] = ()
+    thinking: bool = False  # render the chat template with enable_thinking=True (reasoning first)
 
 
 @dataclass

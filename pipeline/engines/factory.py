@@ -93,12 +93,16 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
 def check_job(job: JobConfig, family: str, kind: str) -> None:
     """Job settings that only some generations or engines serve, checked once the engine is known."""
     from pipeline.media.stacking import STACK_FAMILIES
-    from pipeline.models import check_use_image_id, get_family
+    from pipeline.models import check_thinking, check_use_image_id, get_family
 
     try:
         check_use_image_id(family, kind, job.model.use_image_id)
     except ValueError as err:
         raise ConfigError(f"engine.kind {kind}: {err}") from None
+    try:
+        check_thinking(family, [t.key for t in job.tasks if t.thinking])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if job.video.stack_frames > 1:
         if family not in STACK_FAMILIES:
             raise ConfigError(

@@ -128,18 +128,19 @@ def legacy_user_content(gen: Generation, n_items: int, prompt: str, token: str =
     return "".join(token + gen.image_separator for _ in range(n_items)) + prompt
 
 
-def render_user_turn(gen: Generation, content: Any, tokenizer: Any) -> str:
+def render_user_turn(gen: Generation, content: Any, tokenizer: Any, thinking: bool = False) -> str:
     """The prompt text of one user turn and the start of the reply, as the family's reference builds it.
 
     `content` is a string (the legacy generations: placeholders + text) or a list of content items
     (native chat templates). 1.0/2.0 have no chat template: their tokenizer's `apply_chat_template`
     takes (conversation, add_image_msg) and writes `<用户>...<AI>`, so calling it the ChatML way raises
-    TypeError; this writes the same text.
+    TypeError; this writes the same text. `thinking`: the template's `enable_thinking` (tasks[].thinking;
+    only generations with a thinking mode get it, pipeline.models.check_thinking).
     """
     if gen.chat_format == "minicpm_v2":
         return MINICPM_V2_USER + content + MINICPM_V2_AI
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
 
 
@@ -302,6 +303,11 @@ class VLLMEngine(Engine):
             limit_mm_per_prompt=limits,
             mm_processor_kwargs=engine_mm_kwargs,
             seed=seed,
+            # JSON of json_schema tasks without free whitespace between tokens: a looping (or random)
+            # model cannot pad a reply with tabs to the token cap (seen: "{" then 47 tabs). Engine-wide
+            # in vLLM 0.32 (its xgrammar backend ignores the per-request flag) and only for the xgrammar
+            # and guidance backends; xgrammar, as in the transformers engine.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         self.start_seconds = time.perf_counter() - start
         self.max_frames_per_video = max_frames_per_video
@@ -456,7 +462,11 @@ class VLLMEngine(Engine):
             content: Any = [{"type": kind} for _ in range(n_items)] + [{"type": "text", "text": request.prompt}]
         else:
             content = legacy_user_content(self.gen, n_items, request.prompt, token)
-        text = render_user_turn(self.gen, content, self.tokenizer)
+        if request.thinking:
+            from pipeline.models import check_thinking
+
+            check_thinking(self.family, ["(this request)"])
+        text = render_user_turn(self.gen, content, self.tokenizer, thinking=request.thinking)
         # Guard against a template that drops visual items: the images would be silently lost.
         if text.count(token) != n_items:
             raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {n_items}")
@@ -484,7 +494,22 @@ class VLLMEngine(Engine):
             temperature=float(request.temperature),
             stop_token_ids=list(self.stop_ids),
             skip_special_tokens=True,
+            structured_outputs=structured_outputs(request),
         )
+
+
+def structured_outputs(request: Request) -> Any:
+    """vLLM's constraint for a request with a json_schema or choices (None without): its structured
+    outputs (xgrammar; the engine disables free whitespace in JSON)."""
+    if request.json_schema is None and not request.choices:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if request.json_schema is not None:
+        return StructuredOutputsParams(json=json.loads(request.json_schema))
+    return StructuredOutputsParams(choice=list(request.choices))
 
 
 def _cpu_only() -> bool:
