@@ -279,8 +279,9 @@ class InferStage:
                  "completion_tokens": reply.completion_tokens, "reasoning": verdict.reasoning,
                  "validation_error": verdict.validation_error, **tries}
         if verdict.ok:
+            # A label is the text too: servers constrained by an enum schema answer `"label"` (JSON).
             label = verdict.parsed if task.choices else None
-            return self._row(unit, task, now, status="ok", text=verdict.text, output_source="model",
+            return self._row(unit, task, now, status="ok", text=label or verdict.text, output_source="model",
                              tables=verdict.tables, label=label, **model)
         if self._falls_back(unit, task):
             return self._row(unit, task, now, status="ok", text=unit["text_layer"],
