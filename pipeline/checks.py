@@ -217,6 +217,10 @@ class Attempts:
         if reply.error_type:
             self.verdict = None
             return None
+        if self.task.thinking and reply.reasoning is None and self.checks.reasoning_tags[0] not in (reply.text or ""):
+            # The chat template opened the reasoning block in the prompt (`<think>\n`): the reply starts
+            # inside it, so a reply the cap cut before `</think>` is all reasoning, no answer.
+            reply = dataclasses.replace(reply, text=self.checks.reasoning_tags[0] + (reply.text or ""))
         structured = self.task.json_schema is not None or bool(self.task.choices)
         self.verdict = v = check_reply(reply, self.task.base or self.task.name, self.checks,
                                        validate=self.task.validate if structured else None)

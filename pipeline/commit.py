@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.collect import Complete
 from pipeline.sink import Layout, document_row, read_table
-from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA, conform, to_table
+from schemas.records import DOCUMENTS_SCHEMA, JSON_PREFIX, conform, results_schema, to_table
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,11 @@ class Publisher:
     """Publishes windows of complete sources for one attempt (see the module docstring)."""
 
     def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
-                 compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1):
+                 compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1,
+                 json_columns: dict[str, tuple[pa.DataType, str]] | None = None):
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
+        # json_schema tasks: id -> (type, schema) of their `json_<id>` results columns (pipeline/structured.py)
+        self.json_columns = json_columns or {}
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
         self.max_failed_unit_share = max_failed_unit_share  # documents.max_failed_unit_share
@@ -125,7 +128,7 @@ class Publisher:
         stem = f"{self.attempt}-w{window:05d}"
         st = self.layout.storage
         now = datetime.now(timezone.utc)
-        moved, rewrites = self._supersede(sources)
+        moved, rewrites, kept = self._supersede(sources)
         results_rows: list[dict[str, Any]] = []
         doc_rows = []
         for src in sources:
@@ -138,7 +141,15 @@ class Publisher:
         ops: list[list[str]] = []
         files: list[tuple[str, pa.Table | None, str]] = []  # (table, content or None to delete, final uri)
         if results_rows:
-            files.append(("results", to_table(results_rows, RESULTS_SCHEMA), self.layout.data_file("results", stem)))
+            from pipeline.structured import fill_json_values
+
+            # This job's json_<id> columns, then those that only rows moved from earlier files have.
+            schema = results_schema({**kept, **{name: type_ for name, (type_, _) in self.json_columns.items()}})
+            fill_json_values(results_rows, self.json_columns)
+            for row in results_rows:
+                for name in kept:
+                    row.setdefault(JSON_PREFIX + name, None)
+            files.append(("results", to_table(results_rows, schema), self.layout.data_file("results", stem)))
         files.extend(r for r in rewrites if r[0] == "results")
         files.append(("documents", to_table(doc_rows, DOCUMENTS_SCHEMA), self.layout.data_file("documents", stem)))
         files.extend(r for r in rewrites if r[0] == "documents")
@@ -154,15 +165,21 @@ class Publisher:
                   "sources": len(sources), "decided_at": now.isoformat()}
         return intent, WindowStats(stem, len(sources), len(results_rows), len(rewrites)), doc_rows
 
-    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], list[tuple[str, pa.Table | None, str]]]:
+    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                           list[tuple[str, pa.Table | None, str]],
+                                                           dict[str, pa.DataType]]:
         """For re-published sources: their earlier rows of tasks not redone (moved into this window),
-        and the rewritten earlier files without them (None: nothing left, delete)."""
+        the rewritten earlier files without them (None: nothing left, delete), and the `json_<task>`
+        columns (task -> type) that moved rows bring and this job does not have. A moved row's
+        json value whose type differs from the window's (the task's schema changed) becomes null."""
         by_stem: dict[str, dict[str, tuple[str, ...]]] = defaultdict(dict)
         for src in sources:
             if src.work.prior is not None:
                 by_stem[src.work.prior.stem][src.work.source_id] = src.work.tasks
         moved: dict[str, list[dict[str, Any]]] = defaultdict(list)
         rewrites: list[tuple[str, pa.Table | None, str]] = []
+        types = {name: type_ for name, (type_, _) in self.json_columns.items()}
+        kept: dict[str, pa.DataType] = {}
         st = self.layout.storage
         for old, redo in sorted(by_stem.items()):
             ids = pa.array(sorted(redo), pa.string())
@@ -171,16 +188,25 @@ class Publisher:
                 t = read_table(uri, st)
                 if t is None:
                     continue
-                schema = RESULTS_SCHEMA if table == "results" else DOCUMENTS_SCHEMA
+                schema = DOCUMENTS_SCHEMA
+                if table == "results":  # its own json_<task> columns stay in the rewritten file
+                    schema = results_schema({f.name[len(JSON_PREFIX):]: f.type for f in t.schema
+                                             if f.name.startswith(JSON_PREFIX)})
                 t = conform(t, schema)  # files of an older minor schema version gain the new columns
                 mask = pc.is_in(t.column("source_id"), value_set=ids)
                 if table == "results":
+                    own = {f.name: f.type for f in schema if f.name.startswith(JSON_PREFIX)}
+                    for name, type_ in own.items():
+                        kept.setdefault(name[len(JSON_PREFIX):], type_)
                     for row in t.filter(mask).to_pylist():
                         if row["task"] not in redo[row["source_id"]]:
+                            for key, type_ in own.items():
+                                if types.get(key[len(JSON_PREFIX):], kept[key[len(JSON_PREFIX):]]) != type_:
+                                    row[key] = None
                             moved[row["source_id"]].append(row)
                 rest = t.filter(pc.invert(mask))
                 rewrites.append((table, rest if rest.num_rows else None, uri))
-        return moved, rewrites
+        return moved, rewrites, {name: type_ for name, type_ in kept.items() if name not in types}
 
 
 def apply(layout: Layout, intent: dict[str, Any]) -> None:

@@ -112,6 +112,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     from pipeline.models import get_family
     from pipeline.progress import ProgressLog, ProgressOptions
     from pipeline.runstats import RunStats
+    from pipeline.structured import json_columns
     from pipeline.tasks import fingerprint, resolve_task
 
     retry = retry or RetryPolicy()
@@ -156,7 +157,8 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         _write_record(layout, record)
         t_plan = time.perf_counter()
         publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression,
-                                     max_failed_unit_share=job.documents.max_failed_unit_share)
+                                     max_failed_unit_share=job.documents.max_failed_unit_share,
+                                     json_columns=json_columns(tasks.values()))
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,

@@ -213,3 +213,27 @@ def _project(value: Any, type_: pa.DataType) -> Any:
     if pa.types.is_list(type_):
         return [_project(v, type_.value_type) for v in value] if isinstance(value, list) else None
     return value
+
+
+def json_columns(tasks: Any) -> dict[str, tuple[pa.DataType, str]]:
+    """Task id -> (Arrow type of its `json_<id>` column, schema JSON) for the json_schema tasks among
+    `tasks` (ResolvedTask values), in job order."""
+    return {t.name: (arrow_type(json.loads(t.json_schema))[0], t.json_schema) for t in tasks if t.json_schema}
+
+
+def fill_json_values(rows: list[dict[str, Any]], columns: dict[str, tuple[pa.DataType, str]]) -> None:
+    """Give every results row a value for each `json_<id>` column, in place: the parsed reply of an
+    `ok` row of task <id> (its text passed validation in the reply checks), else null. Rows that
+    already carry the key (moved from an earlier file) keep their value."""
+    from schemas.records import JSON_PREFIX
+
+    for row in rows:
+        for task, (type_, schema_json) in columns.items():
+            key = JSON_PREFIX + task
+            if key in row:
+                continue
+            value = None
+            if row.get("task") == task and row.get("status") == "ok" and row.get("text"):
+                parsed, _ = validate_json(row["text"], schema_json)
+                value = to_column_value(parsed, type_) if parsed is not None else None
+            row[key] = value
