@@ -288,7 +288,8 @@ class TransformersEngine(Engine):
                                                       stop_token_ids=list(self.stop_ids))
             self._grammars = xgr.GrammarCompiler(info, max_threads=1)
         if options.json_schema is not None:
-            compiled = self._grammars.compile_json_schema(options.json_schema, any_whitespace=False)
+            compiled = self._grammars.compile_json_schema(options.json_schema, any_whitespace=False,
+                                                          separators=(",", ":"))  # compact, as vLLM's
         else:  # the labels as EBNF string literals (JSON escaping is EBNF's)
             compiled = self._grammars.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in options.choices))
         return LogitsProcessor(compiled)  # one per generate call: it keeps per-row matcher state
