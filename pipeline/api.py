@@ -64,7 +64,7 @@ def process_dataset(ds: Any, job: JobConfig, uri_column: str = "uri") -> Any:
     engine = resolve_kind(job.engine.kind, family, cluster.get("GPU", 0.0))
     check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
-    tasks = {t.name: resolve_task(t) for t in job.tasks}
+    tasks = {t.key: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
     ctx = RunContext(job.run_id or job.name, model_id, family, engine, tasks, fps)
     plan = resources.plan_stages(job, _UNKNOWN_SOURCES, cluster, engine)

@@ -13,7 +13,9 @@ the order they are tried (the first that fails names the reply's failure):
    `truncated` because a loop usually also runs to the cap, and the two want different retries: a
    larger token cap helps a long answer, not a loop.
 4. **truncated** - `finish_reason == "length"`: `truncated`.
-5. **task validity** - `VALIDATORS[task]` (the `table` task: pipeline/tables.py): `invalid`.
+5. **task validity** - `VALIDATORS[task]` (the `table` task: pipeline/tables.py): `invalid`; for a
+   task with a `json_schema` or `choices`, the reply against them (pipeline/structured.py, whatever
+   `checks.validate_tasks` says: the job asked for that shape): `invalid` with `validation_error`.
 
 The repetition rule is written here (no well-kept library checks LLM output for loops; text-quality
 filters such as Gopher's duplicate n-gram fractions flag legitimate tables full of repeated cells).
@@ -54,6 +56,9 @@ class Verdict:
     reason: str | None = None  # a key of ERROR_TYPES
     message: str | None = None
     tables: list[dict[str, Any]] | None = None  # the `table` task's parsed tables
+    reasoning: str | None = None  # the reasoning block removed from the reply (results column `reasoning`)
+    parsed: Any = None  # a json_schema task's value / a choices task's label (pipeline/structured.py)
+    validation_error: str | None = None  # why the reply fails its json_schema / choices
 
 
 def _table_validity(text: str) -> tuple[Any, str | None]:
@@ -124,11 +129,19 @@ def repetition(text: str, cfg: ChecksConfig) -> tuple[float, int, int, str] | No
     return best
 
 
-def check_reply(reply: Reply, task: str, cfg: ChecksConfig) -> Verdict:
-    """Check one successful engine reply (no `error_type`) for task `task` (module docstring)."""
+def check_reply(reply: Reply, task: str, cfg: ChecksConfig,
+                validate: Callable[[str], tuple[Any, str | None]] | None = None) -> Verdict:
+    """Check one successful engine reply (no `error_type`) for task `task` (module docstring);
+    `validate`: the task's json_schema/choices check (ResolvedTask.validate), run after the others."""
     answer, reasoning, cut_inside = split_reasoning(reply.text or "", cfg.reasoning_tags)
     if reply.reasoning:  # a server that returns reasoning apart from the answer (reasoning_content)
         reasoning = (reply.reasoning + ("\n" + reasoning if reasoning else "")).strip()
+    verdict = _check(reply, task, cfg, validate, answer, reasoning, cut_inside)
+    return dataclasses.replace(verdict, reasoning=reasoning or None)
+
+
+def _check(reply: Reply, task: str, cfg: ChecksConfig, validate: Callable[[str], tuple[Any, str | None]] | None,
+           answer: str, reasoning: str | None, cut_inside: bool) -> Verdict:
     if not cfg.enabled:
         return Verdict(True, answer)
     if not answer.strip() and (reasoning or cut_inside):
@@ -138,7 +151,7 @@ def check_reply(reply: Reply, task: str, cfg: ChecksConfig) -> Verdict:
                         "the reply holds only a reasoning block, no answer")
                        + f"; reasoning ({len(reasoning or '')} chars): {(reasoning or '')[:_REASONING_SHOWN]!r}")
     if not answer.strip():
-        if task in cfg.allow_empty_tasks and reply.finish_reason != "length":
+        if task in cfg.allow_empty_tasks and validate is None and reply.finish_reason != "length":
             return Verdict(True, "", tables=[] if task in VALIDATORS and cfg.validate_tasks else None)
         return Verdict(False, "", "empty", f"the reply is empty (finish_reason {reply.finish_reason}, "
                        f"{reply.completion_tokens} completion tokens)")
@@ -152,6 +165,11 @@ def check_reply(reply: Reply, task: str, cfg: ChecksConfig) -> Verdict:
     if cfg.truncated and reply.finish_reason == "length":
         return Verdict(False, answer, "truncated",
                        f"the reply reached the token cap ({reply.completion_tokens} completion tokens) and was cut")
+    if validate is not None:
+        value, why = validate(answer)
+        if why is not None:
+            return Verdict(False, answer, "invalid", f"invalid {task} reply: {why}", validation_error=why)
+        return Verdict(True, answer, parsed=value)
     parsed: Any = None
     if cfg.validate_tasks and task in VALIDATORS:
         parsed, why = VALIDATORS[task](answer)
@@ -199,7 +217,13 @@ class Attempts:
         if reply.error_type:
             self.verdict = None
             return None
-        self.verdict = v = check_reply(reply, self.task.name, self.checks)
+        if self.task.thinking and reply.reasoning is None and self.checks.reasoning_tags[0] not in (reply.text or ""):
+            # The chat template opened the reasoning block in the prompt (`<think>\n`): the reply starts
+            # inside it, so a reply the cap cut before `</think>` is all reasoning, no answer.
+            reply = dataclasses.replace(reply, text=self.checks.reasoning_tags[0] + (reply.text or ""))
+        structured = self.task.json_schema is not None or bool(self.task.choices)
+        self.verdict = v = check_reply(reply, self.task.base or self.task.name, self.checks,
+                                       validate=self.task.validate if structured else None)
         if v.ok:
             return None
         self.reasons.append(v.reason or "invalid")

@@ -51,8 +51,8 @@ import pyarrow.parquet as pq
 
 from pipeline import partitions, storage
 from pipeline.collect import Complete
-from pipeline.sink import Layout, document_row, read_rows, read_table, set_files
-from schemas.records import DOCUMENTS_SCHEMA, RESULTS_SCHEMA, TABLES, conform, to_table
+from pipeline.sink import Layout, document_row, read_table, set_files
+from schemas.records import DOCUMENTS_SCHEMA, JSON_PREFIX, RESULTS_SCHEMA, TABLES, conform, results_schema, to_table
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,29 @@ def _parquet_bytes(table: pa.Table, compression: str) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
+def _append(old: pa.Table, piece: pa.Table) -> pa.Table:
+    """An open file's rows and then a window's, as one table: columns either has (a `json_<id>` column
+    of an earlier job's task) are kept, nulls where the other has none; where both have a column, the
+    window's type wins (a changed json schema: the old values become null if they do not cast)."""
+    names = piece.column_names + [n for n in old.column_names if n not in piece.column_names]
+    fields = [piece.schema.field(n) if n in piece.column_names else old.schema.field(n) for n in names]
+    schema = pa.schema(fields, metadata=piece.schema.metadata)
+
+    def fit(t: pa.Table) -> pa.Table:
+        arrays = []
+        for f in schema:
+            if f.name not in t.column_names:
+                arrays.append(pa.nulls(t.num_rows, f.type))
+                continue
+            try:
+                arrays.append(t.column(f.name).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                arrays.append(pa.nulls(t.num_rows, f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    return pa.concat_tables([fit(old), fit(piece)])
+
+
 class Publisher:
     """Publishes windows of complete sources for one attempt (see the module docstring).
 
@@ -107,14 +130,17 @@ class Publisher:
 
     def __init__(self, layout: Layout, attempt: str, run_id: str, fingerprints: dict[str, str],
                  compression: str = "zstd", with_text: bool = True, max_failed_unit_share: float = 0.1,
-                 min_rows_per_file: int = 0, rows_per_file: int = 50_000, rows: Any = None):
+                 min_rows_per_file: int = 0, rows_per_file: int = 50_000, rows: Any = None,
+                 json_columns: dict[str, tuple[pa.DataType, str]] | None = None):
         """`rows`: the manifest's per-row data (pipeline/rowdata.py RowData): its pass-through columns
-        are appended to every results and documents file, so every file of a prefix has one schema."""
+        are appended to every results and documents file, so every file of a prefix has one schema.
+        `json_columns`: json_schema tasks, id -> (type, schema) of their `json_<id>` results columns
+        (pipeline/structured.py)."""
         self.layout, self.attempt, self.run_id = layout, attempt, run_id
         self.rows = rows
-        extra = rows.fields if rows is not None else []
-        self.schemas = {"results": pa.schema([*RESULTS_SCHEMA, *extra], metadata=RESULTS_SCHEMA.metadata),
-                        "documents": pa.schema([*DOCUMENTS_SCHEMA, *extra], metadata=DOCUMENTS_SCHEMA.metadata)}
+        self.extra = rows.fields if rows is not None else []  # pass-through fields, after ours
+        self.json_columns = json_columns or {}
+        self.json_types = {name: type_ for name, (type_, _) in self.json_columns.items()}
         self.fingerprints = fingerprints
         self.compression, self.with_text = compression, with_text
         self.max_failed_unit_share = max_failed_unit_share  # documents.max_failed_unit_share
@@ -186,7 +212,7 @@ class Publisher:
         stem = f"{self.attempt}-w{window:05d}"
         st = self.layout.storage
         now = datetime.now(timezone.utc)
-        moved, rewrites = self._supersede(sources)
+        moved, rewrites, kept = self._supersede(sources)
         rewritten = len(rewrites)
         results_rows: list[dict[str, Any]] = []
         doc_rows = []
@@ -204,18 +230,26 @@ class Publisher:
         # see a source's results before its documents row, never a documents row without results)
         files: dict[str, tuple[str, pa.Table | None]] = {}
         row_of = {"results": manifest_rows, "documents": [s.work.manifest_row for s in sources]}
+        if results_rows:
+            from pipeline.structured import fill_json_values
+
+            fill_json_values(results_rows, self.json_columns)
+            for row in results_rows:  # json_<id> columns only rows moved from earlier files have
+                for name in kept:
+                    row.setdefault(JSON_PREFIX + name, None)
         for table, rows in (("results", results_rows), ("documents", doc_rows)):
-            fschema = self._file_schema(table)
+            schema = self._schema(table, kept)
+            fschema = partitions.file_schema(schema, self.layout.keys(table))
             # pass-through columns are attached before the split: every file of the prefix has them
-            whole = self._with_rows(to_table(rows, TABLES[table]), row_of[table]) if rows else None
+            whole = self._with_rows(to_table(rows, self._schema(table, kept, extra=False)), row_of[table]) if rows else None
             parts = partitions.split(whole, self.layout.keys(table)) if rows else {}
             for part, piece in parts.items():
                 uri = self.layout.data_file(table, target, part)
                 piece = conform(piece, fschema)
                 if target != stem:  # appending: the file as it is now, or as this window rewrites it
-                    old = rewrites.pop(uri)[1] if uri in rewrites else self._read_file(uri, fschema)
+                    old = rewrites.pop(uri)[1] if uri in rewrites else read_table(uri, self.layout.storage)
                     if old is not None:
-                        piece = pa.concat_tables([old, piece])
+                        piece = _append(old, piece)
                 files[uri] = (table, piece)
             files.update((u, r) for u, r in rewrites.items() if r[0] == table)
         ops: list[list[str]] = []
@@ -243,48 +277,64 @@ class Publisher:
         """`table` with the pass-through columns of its rows' manifest rows appended (pipeline/rowdata.py)."""
         return self.rows.attach(table, manifest_rows) if self.rows is not None else table
 
-    def _file_schema(self, table: str) -> pa.Schema:
-        """What a file of `table` holds: our columns and the pass-through ones, less the partition keys."""
-        return partitions.file_schema(self.schemas[table], self.layout.keys(table))
+    def _schema(self, table: str, json_types: dict[str, pa.DataType] | None = None, extra: bool = True) -> pa.Schema:
+        """A `table` file's whole schema (partition columns included): ours, for results this job's
+        `json_<id>` columns and then `json_types`' others (columns only earlier files have), then the
+        pass-through ones (unless not `extra`)."""
+        base = DOCUMENTS_SCHEMA
+        if table == "results":
+            base = results_schema({**(json_types or {}), **self.json_types})
+        return pa.schema([*base, *(self.extra if extra else [])], metadata=base.metadata)
 
-    def _read_file(self, uri: str, fschema: pa.Schema) -> pa.Table | None:
-        t = read_table(uri, self.layout.storage)
-        return None if t is None else conform(t, fschema)
-
-    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple[str, pa.Table | None]]]:
+    def _supersede(self, sources: list[Complete]) -> tuple[dict[str, list[dict[str, Any]]],
+                                                           dict[str, tuple[str, pa.Table | None]],
+                                                           dict[str, pa.DataType]]:
         """For re-published sources: their earlier rows of tasks not redone (moved into this window),
-        and the rewritten earlier files without them (final uri -> (table, content; None: nothing
-        left, delete)). Files of an earlier set that hold none of them are left alone."""
+        the rewritten earlier files without them (final uri -> (table, content; None: nothing left,
+        delete); files of an earlier set that hold none of them are left alone), and the
+        `json_<task>` columns (task -> type) that moved rows bring and this job does not have. A moved
+        row's json value whose type differs from the window's (the task's schema changed) becomes null."""
         by_stem: dict[str, dict[str, tuple[str, ...]]] = defaultdict(dict)
         for src in sources:
             if src.work.prior is not None:
                 by_stem[src.work.prior.stem][src.work.source_id] = src.work.tasks
         moved: dict[str, list[dict[str, Any]]] = defaultdict(list)
         rewrites: dict[str, tuple[str, pa.Table | None]] = {}
+        kept: dict[str, pa.DataType] = {}
         if not by_stem:
-            return moved, rewrites
+            return moved, rewrites, kept
         for table in ("results", "documents"):
             found = set_files(self.layout, table, set(by_stem))
-            fschema = self._file_schema(table)
             for old, redo in sorted(by_stem.items()):
                 ids = pa.array(sorted(redo), pa.string())
                 for uri in found.get(old, []):
-                    # files of an older minor schema version gain the new columns; partition columns come
-                    # back; the pass-through columns of the sources left in the file stay (they are
-                    # re-attached to the moved rows)
-                    t = read_rows(self.layout, table, uri, self.schemas[table])
+                    t = read_table(uri, self.layout.storage)
                     if t is None:
                         continue
+                    # The file's own json_<task> columns stay in it; files of an older minor schema
+                    # version gain the new columns; partition columns come back from the path; the
+                    # pass-through columns of the sources left in the file stay (they are re-attached
+                    # to the moved rows).
+                    own = {f.name[len(JSON_PREFIX):]: f.type for f in t.schema
+                           if table == "results" and f.name.startswith(JSON_PREFIX)}
+                    full = pa.schema([*(results_schema(own) if table == "results" else DOCUMENTS_SCHEMA), *self.extra])
+                    t = conform(partitions.restore(t, self.layout.partition_of(table, uri), full), full)
                     mask = pc.is_in(t.column("source_id"), value_set=ids)
                     if not pc.any(mask).as_py():
                         continue
                     if table == "results":
-                        for row in conform(t.filter(mask), RESULTS_SCHEMA).to_pylist():
+                        for task, type_ in own.items():
+                            kept.setdefault(task, type_)
+                        for row in conform(t.filter(mask), results_schema(own)).to_pylist():
                             if row["task"] not in redo[row["source_id"]]:
+                                for task, type_ in own.items():
+                                    if self.json_types.get(task, kept[task]) != type_:
+                                        row[JSON_PREFIX + task] = None
                                 moved[row["source_id"]].append(row)
                     rest = t.filter(pc.invert(mask))
-                    rewrites[uri] = (table, conform(rest, fschema) if rest.num_rows else None)
-        return moved, rewrites
+                    rewrites[uri] = (table, conform(rest, partitions.file_schema(full, self.layout.keys(table)))
+                                     if rest.num_rows else None)
+        return moved, rewrites, {name: type_ for name, type_ in kept.items() if name not in self.json_types}
 
 
 def apply(layout: Layout, intent: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ TaskName = Literal["ocr", "table", "caption", "video_caption"]
 #: Columns the output tables may be partitioned by (pipeline/partitions.py): `date` is the UTC day of
 #: `created_at` (a directory only; rows keep `created_at`).
 PartitionKey = Literal["task", "status", "media_type", "run_id", "date"]
+#: `name` of a task with its own prompt (and usually `json_schema` or `choices`); it needs an `id`.
+CUSTOM_TASK = "custom"
 FamilyName = Literal[
     "auto", "minicpmv4_6", "minicpmv4_7", "minicpm_ocr",
     "minicpmv2_0", "minicpmv2_5", "minicpmv2_6", "minicpmv4_0", "minicpmv4_5",
@@ -366,7 +368,34 @@ class ExampleConfig(_Model):
 class TaskConfig(_Model):
     """One task run over every unit it applies to."""
 
-    name: TaskName = Field(..., description="`ocr`, `table` (markdown), `caption` (images, pages) or `video_caption`.")
+    name: TaskName | Literal["custom"] = Field(
+        ..., description="`ocr`, `table` (markdown), `caption` (images, pages), `video_caption`, or `custom` (your "
+        "own `prompt`, with an `id`; it applies to pages, images and clips)."
+    )
+    id: str | None = Field(
+        None, pattern=SAFE_SEGMENT, max_length=64,
+        description="The task's name in outputs (`results.task`, `json_<id>` columns, fingerprints); unset: `name`. "
+        "Required for `custom`; lets one job run a built-in task twice (e.g. `caption` and a `caption` with a "
+        "json_schema under id `caption_json`). Letters, digits, `_.-`."
+    )
+    json_schema: dict[str, Any] | str | None = Field(
+        None, description="Structured output: a JSON Schema the reply must follow, given inline (a mapping), as a "
+        "path to a .json file, or as a pydantic model's import path `package.module:Model`; resolved to the "
+        "schema itself when the job loads. Decoding is constrained to it (vLLM structured outputs; the OpenAI "
+        "engine's `response_format`; xgrammar for transformers) and every reply is validated (jsonschema): an "
+        "invalid one fails the reply check `invalid` (retried, then `reply_invalid` with `validation_error`). The "
+        "parsed value goes to the results column `json_<id>` (README: Structured output)."
+    )
+    choices: list[str] | None = Field(
+        None, min_length=2, description="Label task: the reply is exactly one of these strings (decoding "
+        "constrained to the list); written to the categorical results column `label`. A reply outside the list "
+        "fails the reply check `invalid`."
+    )
+    thinking: bool = Field(
+        False, description="Let the model reason before it answers (MiniCPM-V 4.5, 4.6 and 4.7: their chat "
+        "templates' `enable_thinking`); the reasoning goes to the results column `reasoning`, never into `text`. "
+        "Refused for generations without a thinking mode. Give it a larger `max_new_tokens`: the reasoning counts."
+    )
     max_new_tokens: int = Field(1024, ge=1, description="Generation cap per unit.")
     temperature: float = Field(0.0, ge=0, description="0 is greedy decoding.")
     prompt: str | None = Field(None, description="Replace the built-in prompt (its version becomes `custom-<hash>`).")
@@ -411,6 +440,34 @@ class TaskConfig(_Model):
         if any(t < 0 for t in v):
             raise ValueError(f"temperatures must be >= 0, got {v}")
         return v
+
+    @property
+    def key(self) -> str:
+        """The task's name in outputs: `id`, else `name`."""
+        return self.id or self.name
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(set(v)) != len(v) or any(not c.strip() for c in v)):
+            raise ValueError(f"choices must be distinct, non-blank strings, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _structured(self) -> "TaskConfig":
+        if self.name == CUSTOM_TASK and (not self.id or not self.prompt):
+            raise ValueError("a `custom` task needs an `id` (its name in outputs) and a `prompt`")
+        if self.json_schema is not None and self.choices is not None:
+            raise ValueError(f"task {self.key}: set `json_schema` or `choices`, not both (a label is a JSON "
+                             "schema `enum`: put it in the schema, or keep `choices` alone)")
+        if self.thinking and (self.json_schema is not None or self.choices is not None):
+            raise ValueError(f"task {self.key}: `thinking` cannot be combined with `json_schema`/`choices` (constrained "
+                             "decoding would forbid the reasoning block): run them as two tasks")
+        if self.json_schema is not None:
+            from pipeline.structured import load_schema
+
+            self.json_schema = load_schema(self.json_schema)
+        return self
 
 
 class ChecksConfig(_Model):
@@ -597,10 +654,10 @@ class JobConfig(_Model):
     @field_validator("tasks")
     @classmethod
     def _unique_tasks(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
-        names = [t.name for t in tasks]
+        names = [t.key for t in tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"each task may appear once; repeated: {', '.join(dupes)}")
+            raise ValueError(f"each task may appear once (give a second one its own `id`); repeated: {', '.join(dupes)}")
         return tasks
 
 

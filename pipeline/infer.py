@@ -223,6 +223,7 @@ class InferStage:
         return Request(
             prompt=self._prompt(unit, task), images=frames, is_video=unit["unit_kind"] == "clip",
             max_new_tokens=task.max_new_tokens, temperature=task.temperature, processor_kwargs=opts, stack=stack,
+            json_schema=task.json_schema, choices=task.choices, thinking=task.thinking,
         )
 
     @staticmethod
@@ -314,10 +315,13 @@ class InferStage:
                              error_message=reply.error_message, **tries)
         assert verdict is not None
         model = {"finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
-                 "completion_tokens": reply.completion_tokens, **tries}
+                 "completion_tokens": reply.completion_tokens, "reasoning": verdict.reasoning,
+                 "validation_error": verdict.validation_error, **tries}
         if verdict.ok:
-            return self._row(unit, task, now, status="ok", text=verdict.text, output_source="model",
-                             tables=verdict.tables, **model)
+            # A label is the text too: servers constrained by an enum schema answer `"label"` (JSON).
+            label = verdict.parsed if task.choices else None
+            return self._row(unit, task, now, status="ok", text=label or verdict.text, output_source="model",
+                             tables=verdict.tables, label=label, **model)
         if self._falls_back(unit, task):
             return self._row(unit, task, now, status="ok", text=unit["text_layer"],
                              output_source="text_layer_fallback", **model)
@@ -329,7 +333,7 @@ class InferStage:
     def _falls_back(self, unit: dict[str, Any], task: ResolvedTask) -> bool:
         """OCR of a whole page (not a tile: the layer covers the page) with a usable text layer."""
         return (self.job.checks.text_layer_fallback and task.name == "ocr" and unit["tile_index"] is None
-                and self._text_layer_usable(unit))
+                and task.json_schema is None and self._text_layer_usable(unit))  # a text layer is no JSON
 
     def _marker_row(self, unit: dict[str, Any], now: datetime) -> dict[str, Any]:
         """A source's end marker in the results stream (schemas.records.STREAM_SCHEMA); never written."""

@@ -79,7 +79,7 @@ def inspect_sources(job: JobConfig, family: str, sources: Any) -> Iterator[tuple
     from pipeline.expand import ExpandSource
     from pipeline.tasks import resolve_task
 
-    tasks = {t.name: resolve_task(t) for t in job.tasks}
+    tasks = {t.key: resolve_task(t) for t in job.tasks}
     expander = ExpandSource(job, pixel_budget(job, family), {n: sorted(t.unit_kinds) for n, t in tasks.items()},
                             family)
     examples = example_sizes(job, expander)

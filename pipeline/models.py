@@ -54,6 +54,10 @@ class FamilySpec:
     vllm_image_id: bool | None = None  # None: the engine honours use_image_id
     slices: bool = True  # False: the processor never slices (1.0 resizes every image to 448x448)
     note: str = ""  # why no engine (or which engine not) serves it, shown by `cpmv models`
+    # A thinking mode behind the chat template's `enable_thinking` (Qwen3 / Qwen3.5 backbones: 4.5, 4.6,
+    # 4.7; what tasks[].thinking needs). Older generations have no reasoning training; MiniCPM-OCR 1.0 is an
+    # OCR model whose thinking mode we have no evidence of, so it is refused rather than guessed.
+    thinking: bool = False
 
 
 # The Qwen3.5 text backbone ends an assistant turn with <|im_end|>; <|endoftext|> ends a document
@@ -67,6 +71,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             name="minicpmv4_6",
             hf_model_type="minicpmv4_6",
+            thinking=True,
             display="MiniCPM-V 4.6",
             scale_resolution=448,
             image_max_slice_nums=36,
@@ -81,6 +86,7 @@ FAMILIES: dict[str, FamilySpec] = {
         FamilySpec(
             name="minicpmv4_7",
             hf_model_type="minicpmv4_7",
+            thinking=True,
             display="MiniCPM-V 4.7",
             scale_resolution=448,
             image_max_slice_nums=36,
@@ -148,7 +154,7 @@ FAMILIES.update({
                 use_image_id_images=False, vllm_image_id=False),
         _legacy("minicpmv2_6", "MiniCPM-V 2.6", "2.6", _QWEN_STOPS),
         _legacy("minicpmv4_0", "MiniCPM-V 4.0", "4.0", _QWEN_STOPS),
-        _legacy("minicpmv4_5", "MiniCPM-V 4.5", "4.5", _QWEN_STOPS),
+        _legacy("minicpmv4_5", "MiniCPM-V 4.5", "4.5", _QWEN_STOPS, thinking=True),
         FamilySpec(name="omnilmm_12b", hf_model_type="omnilmm", display="OmniLMM-12B", scale_resolution=448,
                    image_max_slice_nums=1, video_max_slice_nums=1, use_image_id_images=False,
                    use_image_id_video=False, stop_tokens=("</s>",), native_transformers=False, engines=(),
@@ -189,6 +195,16 @@ def family_from_config(config: dict, files: Collection[str] | None = None) -> st
         raise ValueError(f"unsupported MiniCPM-V version {version!r}; supported: {', '.join(sorted(_BY_VERSION))}")
     supported = ", ".join(sorted(_BY_MODEL_TYPE)) + ", minicpmv (1.0-4.5)"
     raise ValueError(f"unsupported model_type {model_type!r}; supported model types: {supported}")
+
+
+def check_thinking(family: str, tasks: Collection[str]) -> None:
+    """Refuse `tasks[].thinking` (the ids in `tasks`) for a generation without a thinking mode
+    (FamilySpec.thinking). Raises ValueError naming the field and the fix."""
+    spec = get_family(family)
+    if tasks and not spec.thinking:
+        with_it = ", ".join(f"{n} ({s.display})" for n, s in FAMILIES.items() if s.thinking)
+        raise ValueError(f"tasks[].thinking is set for task(s) {', '.join(sorted(tasks))}, but {spec.display} has no "
+                         f"thinking mode: remove `thinking: true`, or run a generation that has one: {with_it}")
 
 
 def min_image_side(family: str) -> int:

@@ -112,6 +112,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     from pipeline.models import get_family
     from pipeline.progress import ProgressLog, ProgressOptions
     from pipeline.runstats import RunStats
+    from pipeline.structured import json_columns
     from pipeline.tasks import fingerprint, resolve_task
 
     retry = retry or RetryPolicy()
@@ -135,7 +136,7 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
     if engine is not None:
         check_job(job, family, engine)
     model_id = f"tiny:{family}" if job.model.name == TINY else job.model.name
-    tasks = {t.name: resolve_task(t) for t in job.tasks}
+    tasks = {t.key: resolve_task(t) for t in job.tasks}
     fps = {name: fingerprint(t, job.model, model_id, job) for name, t in tasks.items()}
     run_id, attempt = new_attempt(job)
     layout = sink.Layout(job.output.uri, job.storage, tuple(job.output.partition_by))
@@ -159,7 +160,8 @@ def run_job(job: JobConfig, retry: RetryPolicy | None = None, stop: StopRequest 
         publisher = commit.Publisher(layout, attempt, run_id, fps, job.output.compression,
                                      max_failed_unit_share=job.documents.max_failed_unit_share,
                                      min_rows_per_file=job.output.min_rows_per_file,
-                                     rows_per_file=job.output.rows_per_file, rows=rows)
+                                     rows_per_file=job.output.rows_per_file, rows=rows,
+                                     json_columns=json_columns(tasks.values()))
         try:
             if work and not stop.is_set():
                 record["model"]["engine"] = _stream(job, work, family, model_id, engine, tasks, fps, attempt,

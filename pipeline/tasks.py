@@ -59,6 +59,10 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+#: What a `custom` task starts from: its prompt is the job's own; it applies to every unit kind.
+CUSTOM = TaskSpec("custom", "", "custom", frozenset({"page", "image", "clip"}))
+
+
 #: Tasks that read small print and so may run on tiles of an oversized image. A caption describes the
 #: whole picture: it always gets the whole image (fit to the budget), never tiles.
 TILING_TASKS = frozenset({"ocr", "table"})
@@ -86,6 +90,10 @@ class ResolvedTask:
     retry_temperatures: tuple[float, ...] = ()
     retry_max_new_tokens: int | None = None
     examples: tuple[ExampleConfig, ...] = ()  # few-shot examples (pipeline/examples.py)
+    base: str = ""  # the built-in task (or `custom`) it comes from; `name` is its id in outputs
+    json_schema: str | None = None  # canonical JSON Schema text (pipeline/structured.py): constrained, validated
+    choices: tuple[str, ...] = ()  # label task: the reply is one of these
+    thinking: bool = False  # reasoning before the answer (chat template's enable_thinking)
 
     def retry_temperature(self, retry: int) -> float:
         """Temperature of retry number `retry` (1-based): the schedule's entry, its last one past its end,
@@ -103,21 +111,44 @@ class ResolvedTask:
     def applies_to(self, unit_kind: str) -> bool:
         return unit_kind in self.unit_kinds
 
+    def validate(self, answer: str) -> tuple[object, str | None] | None:
+        """(parsed value, why it is invalid or None) for a task with a json_schema or choices; None
+        for a task without (pipeline/checks.py then uses its VALIDATORS)."""
+        from pipeline.structured import validate_choice, validate_json
+
+        if self.json_schema is not None:
+            return validate_json(answer, self.json_schema)
+        if self.choices:
+            return validate_choice(answer, self.choices)
+        return None
+
 
 def resolve_task(cfg: TaskConfig) -> ResolvedTask:
-    """Combine the built-in task with a job's settings (a custom prompt gets a content-hash version)."""
-    spec = TASKS[cfg.name]
+    """Combine the built-in task with a job's settings (a custom prompt gets a content-hash version).
+
+    A task with a json_schema or choices gets the shape appended to its prompt
+    (pipeline/structured.py `prompt_suffix`), so its version (a hash of the prompt) changes with them;
+    `thinking` adds `+think` (the same prompt asked for reasoning first is another question).
+    """
+    from pipeline.structured import canonical, prompt_suffix
+
+    spec = TASKS.get(cfg.name, CUSTOM)
     prompt, version = spec.prompt, spec.version
-    if cfg.prompt:
-        prompt = cfg.prompt
+    schema = canonical(cfg.json_schema) if isinstance(cfg.json_schema, dict) else None
+    choices = tuple(cfg.choices or ())
+    if cfg.prompt or schema or choices:
+        prompt = (cfg.prompt or prompt) + prompt_suffix(schema, choices)
         version = "custom-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
     if cfg.text_layer == "hint":
         version += "+hint"  # a different question: a rerun must not mix hinted and plain answers
     if cfg.examples:
         version += f"+fewshot{len(cfg.examples)}"  # which examples: the fingerprint's content hash
-    return ResolvedTask(cfg.name, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature,
+    if cfg.thinking:
+        version += "+think"
+    return ResolvedTask(cfg.key, prompt, version, spec.unit_kinds, cfg.max_new_tokens, cfg.temperature,
                         cfg.text_layer, cfg.hint_max_chars, cfg.retries, tuple(cfg.retry_temperatures),
-                        cfg.retry_max_new_tokens, tuple(cfg.examples))
+                        cfg.retry_max_new_tokens, tuple(cfg.examples), base=cfg.name, json_schema=schema,
+                        choices=choices, thinking=cfg.thinking)
 
 
 def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobConfig | None = None) -> str:
@@ -139,6 +170,13 @@ def fingerprint(task: ResolvedTask, model: ModelConfig, model_id: str, job: JobC
         "temperature": task.temperature,
         "text_layer": task.text_layer,
     }
+    # Only when set, so that the fingerprints of jobs without them stay what they were (no rerun).
+    if task.json_schema is not None:
+        payload["json_schema"] = task.json_schema
+    if task.choices:
+        payload["choices"] = list(task.choices)
+    if task.thinking:
+        payload["thinking"] = True
     if job is not None:
         payload.update(unit_settings(job, task.unit_kinds))
         if task.name == "table" and job.pdf.page_window > 1:

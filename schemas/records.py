@@ -24,6 +24,9 @@ TABLES_TYPE = pa.list_(pa.struct([
     pa.field("rows", pa.list_(pa.struct([pa.field("header", pa.bool_()), pa.field("cells", pa.list_(pa.string()))]))),
 ]))
 
+#: Labels are few distinct strings: dictionary-encoded (pandas reads them as a categorical column).
+LABEL_TYPE = pa.dictionary(pa.int32(), pa.string())
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("schema_version", pa.string(), nullable=False),
@@ -79,6 +82,12 @@ RESULTS_SCHEMA = pa.schema(
         # A multi-image unit's pages (pdf.page_window for `table`: unit_index is the first; null for
         # one-page units), in the order the model saw them.
         pa.field("pages", pa.list_(pa.int32())),
+        # Structured output (pipeline/structured.py): a `choices` task's label (categorical), the reasoning
+        # of a `thinking` task (never in `text`), why a json_schema/choices reply is invalid. A json_schema
+        # task's parsed value is its own column `json_<task>`, added per job (results_schema).
+        pa.field("label", LABEL_TYPE),
+        pa.field("reasoning", pa.string()),
+        pa.field("validation_error", pa.string()),
     ],
     metadata={"cpmv.table": "results", "cpmv.schema_version": SCHEMA_VERSION},
 )
@@ -121,7 +130,22 @@ DOCUMENTS_SCHEMA = pa.schema(
 #: The engine stage's output: result rows plus, on end-of-source markers only, the number of result
 #: rows the source will have (pipeline/collect.py). Internal: never written out.
 EXPECTED_ROWS = "_expected_rows"
-STREAM_SCHEMA = RESULTS_SCHEMA.append(pa.field(EXPECTED_ROWS, pa.int32()))
+# Labels travel as plain strings between stages (blocks of one table never disagree on a dictionary);
+# the writer encodes them. Parsed JSON travels in `text` and becomes `json_<task>` at the writer.
+STREAM_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.name == "label" else f for f in RESULTS_SCHEMA],
+                          metadata=RESULTS_SCHEMA.metadata).append(pa.field(EXPECTED_ROWS, pa.int32()))
+
+#: Prefix of the per-task columns of json_schema tasks' parsed values.
+JSON_PREFIX = "json_"
+
+
+def results_schema(json_columns: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """RESULTS_SCHEMA plus one column `json_<task>` per json_schema task, typed from its schema
+    (pipeline/structured.py `arrow_type`), after every fixed column, in the order given."""
+    schema = RESULTS_SCHEMA
+    for task, type_ in (json_columns or {}).items():
+        schema = schema.append(pa.field(JSON_PREFIX + task, type_))
+    return schema
 #: `unit_kind` of the stream's internal rows: a source's end marker, and a (unit, task) pair that
 #: produces no result row (a text-layer page's later tiles) but counts towards the source's total.
 MARKER_KIND = "_end"

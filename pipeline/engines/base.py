@@ -55,6 +55,12 @@ class Request:
     def texts(self) -> list[str]:
         """Every text the caller wrote into the prompt (examples' prompts and answers, then the prompt)."""
         return [t for ex in self.examples for t in (ex.prompt, ex.answer)] + [self.prompt]
+    # Constrained decoding (pipeline/structured.py): the reply must be JSON valid under this schema
+    # (canonical JSON text), or exactly one of `choices`. An engine that cannot constrain sends them
+    # as they are; the reply checks validate either way.
+    json_schema: str | None = None
+    choices: tuple[str, ...] = ()
+    thinking: bool = False  # render the chat template with enable_thinking=True (reasoning first)
 
 
 @dataclass

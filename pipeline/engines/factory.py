@@ -98,7 +98,7 @@ def resolve_kind(kind: str, family: str, cluster_gpus: float = 0.0,
 def check_job(job: JobConfig, family: str, kind: str) -> None:
     """Job settings that only some generations or engines serve, checked once the engine is known."""
     from pipeline.media.stacking import STACK_FAMILIES
-    from pipeline.models import check_use_image_id, get_family
+    from pipeline.models import check_thinking, check_use_image_id, get_family
 
     try:
         check_use_image_id(family, kind, job.model.use_image_id)
@@ -107,6 +107,10 @@ def check_job(job: JobConfig, family: str, kind: str) -> None:
     from pipeline.examples import check_examples
 
     check_examples(job, family)
+    try:
+        check_thinking(family, [t.key for t in job.tasks if t.thinking])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if job.video.stack_frames > 1:
         if family not in STACK_FAMILIES:
             raise ConfigError(

@@ -10,7 +10,9 @@ What goes over the wire, per request::
          {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},  # one per image
          ...,
          {"type": "text", "text": prompt}]}],
-     "mm_processor_kwargs": {...}}  # only when the request carries processor options
+     "mm_processor_kwargs": {...},  # only when the request carries processor options
+     "response_format": {"type": "json_schema", ...},  # json_schema / choices tasks (_structured_fields)
+     "chat_template_kwargs": {"enable_thinking": true}}  # thinking tasks
 
 * Images are encoded (PNG by default, lossless; `image_format="jpeg"` for smaller bodies) in the
   worker threads, so at most `concurrency` encoded bodies exist at a time.
@@ -227,6 +229,7 @@ class OpenAIEngine(Engine):
             )
         if options:
             body["mm_processor_kwargs"] = options
+        body.update(_structured_fields(request, self.family))
         return json.dumps(body).encode("utf-8")
 
     def _data_url(self, image: np.ndarray) -> str:
@@ -357,6 +360,32 @@ def _one_image_per_prompt(family: str) -> bool:
 
     spec = FAMILIES.get(family)
     return spec is not None and spec.chat_format == "minicpm_v2"
+
+
+def _structured_fields(request: Request, family: str | None) -> dict[str, Any]:
+    """Body fields of a json_schema, choices or thinking request (none for others).
+
+    A schema goes as the OpenAI API's `response_format` `json_schema` (strict); choices as the same
+    with a string `enum` schema, so any server that does structured outputs constrains them (the reply
+    is then a JSON string, `"label"`, which the reply check decodes). Thinking is vLLM's
+    `chat_template_kwargs: {"enable_thinking": true}` (a hosted API may ignore it); a family without
+    a thinking mode is refused before anything is sent.
+    """
+    from pipeline.structured import choices_schema
+
+    fields: dict[str, Any] = {}
+    schema: Any = json.loads(request.json_schema) if request.json_schema is not None else (
+        choices_schema(request.choices) if request.choices else None)
+    if schema is not None:
+        fields["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    if request.thinking:
+        if family is not None:
+            from pipeline.models import check_thinking
+
+            check_thinking(family, ["(this request)"])
+        fields["chat_template_kwargs"] = {"enable_thinking": True}
+    return fields
 
 
 def _check_request(request: Request) -> None:

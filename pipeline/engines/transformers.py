@@ -77,6 +77,9 @@ class _Options:
     # 4.6 stack_frames clips: n and the processor's max_num_frames (each clip's duration goes per video).
     stack_frames: int = 1
     max_num_frames: int = 0
+    # Constrained decoding: one grammar per generate call (json_schema text, or the choices).
+    json_schema: str | None = None
+    choices: tuple[str, ...] = ()
 
 
 class TransformersEngine(Engine):
@@ -227,6 +230,8 @@ class TransformersEngine(Engine):
             temperature=float(request.temperature),
             stack_frames=stack.n if stack is not None else 1,
             max_num_frames=stack.max_num_frames if stack is not None else 0,
+            json_schema=request.json_schema,
+            choices=tuple(request.choices),
         )
 
     def _check_prompt(self, prompt: str) -> None:
@@ -249,9 +254,11 @@ class TransformersEngine(Engine):
                                                          {"type": "text", "text": ex.prompt}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": ex.answer}]})
         messages.append({"role": "user", "content": content})
-        # enable_thinking=False: batch extraction wants the answer, not a reasoning trace.
+        # enable_thinking=False unless the task asks: batch extraction wants the answer, not a reasoning trace.
+        if request.thinking:
+            self._check_thinking()
         text = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, enable_thinking=False
+            messages, add_generation_prompt=True, tokenize=False, enable_thinking=request.thinking
         )
         # Guard against a template that drops visual items: the images would be silently lost.
         token = self.processor.video_token if request.is_video else self.processor.image_token
@@ -259,6 +266,41 @@ class TransformersEngine(Engine):
         if text.count(token) != expected:
             raise ValueError(f"chat template placed {text.count(token)} {token} placeholder(s), expected {expected}")
         return text
+
+    def _check_thinking(self) -> None:
+        """Refuse thinking when this checkpoint's chat template ignores `enable_thinking` (the same
+        prompt either way): the family table says the generation has it, the template must agree."""
+        if getattr(self, "_thinking_ok", None) is None:
+            turn = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+            on, off = (self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False,
+                                                          enable_thinking=flag) for flag in (True, False))
+            self._thinking_ok = on != off
+        if not self._thinking_ok:
+            raise ValueError(f"tasks[].thinking: the chat template of {self.model_dir} ignores enable_thinking "
+                             f"(no thinking mode): remove `thinking: true` from the task")
+
+    def _logits_processor(self, options: _Options) -> Any:
+        """An xgrammar logits processor that keeps every row of one generate call inside the task's
+        JSON schema (no free whitespace: a random or looping model cannot pad forever) or its choices;
+        None without a constraint. xgrammar: the grammar engine vLLM uses too, with an HF processor."""
+        if options.json_schema is None and not options.choices:
+            return None
+        import json
+
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if getattr(self, "_grammars", None) is None:
+            vocab_size = self.model.config.get_text_config().vocab_size
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab_size,
+                                                      stop_token_ids=list(self.stop_ids))
+            self._grammars = xgr.GrammarCompiler(info, max_threads=1)
+        if options.json_schema is not None:
+            compiled = self._grammars.compile_json_schema(options.json_schema, any_whitespace=False,
+                                                          separators=(",", ":"))  # compact, as vLLM's
+        else:  # the labels as EBNF string literals (JSON escaping is EBNF's)
+            compiled = self._grammars.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in options.choices))
+        return LogitsProcessor(compiled)  # one per generate call: it keeps per-row matcher state
 
     def _preprocess(self, options: _Options, requests: Sequence[Request]) -> Any:
         """One processor call for requests that share `options` (raises on any bad request)."""
@@ -327,6 +369,9 @@ class TransformersEngine(Engine):
             # The vision tower must merge with the same mode the processor counted placeholders with.
             "downsample_mode": options.downsample_mode,
         }
+        constraint = self._logits_processor(options)
+        if constraint is not None:
+            gen_kwargs["logits_processor"] = [constraint]
         if options.temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=options.temperature)
         else:

@@ -132,35 +132,37 @@ def legacy_user_content(gen: Generation, n_items: int, prompt: str, token: str =
     return "".join(token + gen.image_separator for _ in range(n_items)) + prompt
 
 
-def render_user_turn(gen: Generation, content: Any, tokenizer: Any) -> str:
+def render_user_turn(gen: Generation, content: Any, tokenizer: Any, thinking: bool = False) -> str:
     """The prompt text of one user turn and the start of the reply, as the family's reference builds it.
 
     `content` is a string (the legacy generations: placeholders + text) or a list of content items
     (native chat templates). 1.0/2.0 have no chat template: their tokenizer's `apply_chat_template`
     takes (conversation, add_image_msg) and writes `<用户>...<AI>`, so calling it the ChatML way raises
-    TypeError; this writes the same text.
+    TypeError; this writes the same text. `thinking`: the template's `enable_thinking` (tasks[].thinking;
+    only generations with a thinking mode get it, pipeline.models.check_thinking).
     """
     if gen.chat_format == "minicpm_v2":
         return MINICPM_V2_USER + content + MINICPM_V2_AI
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
 
 
-def render_conversation(gen: Generation, turns: list[tuple[str, Any]], tokenizer: Any) -> str:
+def render_conversation(gen: Generation, turns: list[tuple[str, Any]], tokenizer: Any, thinking: bool = False) -> str:
     """The prompt text of a conversation (`(role, content)` turns ending with the user's) and the start
     of the reply: few-shot examples as earlier user/assistant turns (the MiniCPM-V model card's layout,
     which the 2.6-4.5 `chat()` renders through the tokenizer's chat template). One user turn is
-    `render_user_turn`. 1.0/2.0 take one image per prompt, so no examples: ValueError.
+    `render_user_turn`. 1.0/2.0 take one image per prompt, so no examples: ValueError. `thinking` as
+    in `render_user_turn`.
     """
     if len(turns) == 1:
-        return render_user_turn(gen, turns[0][1], tokenizer)
+        return render_user_turn(gen, turns[0][1], tokenizer, thinking=thinking)
     if gen.chat_format == "minicpm_v2":
         raise ValueError(f"{gen.name} takes one image per prompt (its processor's limit): few-shot examples with "
                          f"images cannot go before the unit; remove tasks[].examples")
     return tokenizer.apply_chat_template(
         [{"role": role, "content": content} for role, content in turns], tokenize=False,
-        add_generation_prompt=True, enable_thinking=False,
+        add_generation_prompt=True, enable_thinking=thinking,
     )
 
 
@@ -409,6 +411,11 @@ class VLLMEngine(Engine):
             seed=seed,
             # the job's setting, which also sizes the calls each engine actor overlaps (resources.py)
             **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
+            # JSON of json_schema tasks without free whitespace between tokens: a looping (or random)
+            # model cannot pad a reply with tabs to the token cap (seen: "{" then 47 tabs). Engine-wide
+            # in vLLM 0.32 (its xgrammar backend ignores the per-request flag) and only for the xgrammar
+            # and guidance backends; xgrammar, as in the transformers engine.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         )
         self.start_seconds = time.perf_counter() - start
         self.max_frames_per_video = max_frames_per_video
@@ -571,8 +578,12 @@ class VLLMEngine(Engine):
         options = self._options(request)
         n_items = (1 if request.images else 0) if request.is_video else len(request.images)
         token = self._video_token if request.is_video else self._image_token
+        if request.thinking:
+            from pipeline.models import check_thinking
+
+            check_thinking(self.family, ["(this request)"])
         turns = conversation_turns(self.gen, request, self._image_token, self._video_token)
-        text = self._render(turns)
+        text = self._render(turns, thinking=request.thinking)
         # Guard against a template that drops visual items: the images would be silently lost.
         expected = n_items + sum(len(ex.images) for ex in request.examples)
         placed = text.count(token)  # a clip has no examples (check_visuals): one kind of token
@@ -590,7 +601,7 @@ class VLLMEngine(Engine):
                 prompt["mm_processor_kwargs"] = options
         return prompt
 
-    def _render(self, turns: list[tuple[str, Any]]) -> str:
+    def _render(self, turns: list[tuple[str, Any]], thinking: bool = False) -> str:
         """The prompt text of a conversation (render_conversation: few-shot turns, then the unit's
         user turn) as vLLM must receive it.
 
@@ -599,7 +610,7 @@ class VLLMEngine(Engine):
         template's copy is left out, giving the one BOS the model was trained with (as
         `apply_chat_template(tokenize=True)` in 2.5's original `chat()` and vLLM's OpenAI server do).
         """
-        text = render_conversation(self.gen, turns, self.tokenizer)
+        text = render_conversation(self.gen, turns, self.tokenizer, thinking=thinking)
         if self._template_bos and text.startswith(self._template_bos):
             text = text[len(self._template_bos):]
         return text
@@ -616,7 +627,22 @@ class VLLMEngine(Engine):
             temperature=float(request.temperature),
             stop_token_ids=list(self.stop_ids),
             skip_special_tokens=True,
+            structured_outputs=structured_outputs(request),
         )
+
+
+def structured_outputs(request: Request) -> Any:
+    """vLLM's constraint for a request with a json_schema or choices (None without): its structured
+    outputs (xgrammar; the engine disables free whitespace in JSON)."""
+    if request.json_schema is None and not request.choices:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if request.json_schema is not None:
+        return StructuredOutputsParams(json=json.loads(request.json_schema))
+    return StructuredOutputsParams(choice=list(request.choices))
 
 
 def _cpu_only() -> bool:

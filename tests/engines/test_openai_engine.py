@@ -92,6 +92,8 @@ def server_command(model_dir: Path, port: int, api_key: str) -> list[str]:
         "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
         "--api-key", api_key,
         "--trust-request-mm-kwargs",  # else vLLM rejects per-request mm_processor_kwargs (HTTP 400)
+        # json_schema tasks: compact JSON (README: Structured output); else a random model pads with tabs
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]
 
 
@@ -517,3 +519,46 @@ def _record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     monkeypatch.setattr(mod, "time", RecordingTime())
     return sleeps
+
+
+# -- structured output (tasks[].json_schema / choices / thinking) ----------------------------------
+
+_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["kind", "has_text"],
+           "properties": {"kind": {"enum": ["photo", "scan", "drawing"]}, "has_text": {"type": "boolean"}}}
+
+
+@needs_vllm_env
+def test_json_schema_and_choices_constrain_the_server(engine: OpenAIEngine) -> None:
+    from pipeline.structured import canonical, validate_choice, validate_json
+
+    schema, labels = canonical(_SCHEMA), ("invoice", "letter", "receipt form")
+    replies = engine.generate(
+        [Request("Describe.", [_image(120, 160, k)], max_new_tokens=40, json_schema=schema) for k in range(2)]
+        + [Request("Which?", [_image(120, 160, 5)], max_new_tokens=16, choices=labels),
+           Request("Describe.", [_image(120, 160, 6)], max_new_tokens=24)])
+    for reply in replies[:2]:  # a tiny random model writes JSON valid under the schema only when constrained
+        assert reply.error_type is None, reply.error_message
+        assert validate_json(reply.text, schema)[1] is None, reply.text
+    label, why = validate_choice(replies[2].text, labels)  # `"letter"`: an enum schema's JSON string
+    assert why is None and label in labels, replies[2].text
+    assert validate_json(replies[3].text, schema)[1] is not None  # unconstrained: no valid JSON
+
+
+@needs_vllm_env
+def test_thinking_goes_as_chat_template_kwargs_and_is_refused_for_families_without(server: Server,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, server.api_key)
+    for family, refused in (("minicpmv4_6", False), ("minicpmv2_6", True)):
+        eng = OpenAIEngine(server.url, SERVED_NAME, api_key_env=KEY_ENV, max_retries=0, family=family)
+        try:
+            reply, plain = eng.generate([Request("Describe.", [_image(64, 64, 1)], max_new_tokens=4, thinking=True),
+                                         Request("Describe.", [_image(64, 64, 1)], max_new_tokens=4)])
+        finally:
+            eng.close()
+        if refused:  # never sent: the message names the field and the generations that have it
+            assert reply.error_type == "ValueError" and "tasks[].thinking" in reply.error_message
+            assert "MiniCPM-V 4.6" in reply.error_message
+        else:
+            assert reply.error_type is None and plain.error_type is None, reply.error_message
+            # The template got enable_thinking: the turn opens `<think>\n` instead of closing an empty block.
+            assert reply.prompt_tokens < plain.prompt_tokens
