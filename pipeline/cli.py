@@ -118,6 +118,10 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     if args.bad:
         paths += make_bad_corpus(args.out)
     print(f"{len(paths)} sample files in {args.out}")
+    if args.manifest:
+        from pipeline.samples import write_demo_manifest
+
+        print(f"manifest of the demo corpus (uri, item_id, collection, acquired) in {write_demo_manifest(args.out, args.manifest)}")
     return 0
 
 
@@ -246,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     samples = sub.add_parser("samples", help="write the demo corpus (PDFs, images, a video)")
     samples.add_argument("out", help="output directory")
     samples.add_argument("--bad", action="store_true", help="also write broken inputs (error handling demo)")
+    samples.add_argument("--manifest", metavar="PATH", help="also write a Parquet manifest of the demo corpus with "
+                         "catalogue columns (jobs/annotate.yaml's input)")
     samples.set_defaults(func=_cmd_samples)
 
     insp = sub.add_parser("inspect", help="print, per unit, the size, slice grid and visual tokens a run would "

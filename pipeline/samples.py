@@ -60,6 +60,36 @@ def make_demo_corpus(out_dir: str | Path) -> list[Path]:
     return [_write(out / name, data) for name, data in files.items()]
 
 
+#: The demo corpus's catalogue: join keys and attributes a data lake would hold for each file
+#: (`write_demo_manifest`; jobs/annotate.yaml copies item_id and collection into every row).
+DEMO_CATALOGUE = {
+    "report.pdf": (1001, "reports"), "scan.pdf": (1002, "archive"), "photo.jpg": (1003, "photos"),
+    "logo.png": (1004, "brand"), "clip.mp4": (1005, "video"),
+}
+
+
+def write_demo_manifest(corpus_dir: str | Path, path: str | Path) -> Path:
+    """Write a Parquet manifest of the demo corpus at `path`: columns uri (absolute path), item_id
+    (int64), collection (string), acquired (date32) — the pass-through columns of jobs/annotate.yaml."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = Path(corpus_dir).resolve()
+    names = sorted(DEMO_CATALOGUE)
+    table = pa.table({
+        "uri": [str(corpus / n) for n in names],
+        "item_id": pa.array([DEMO_CATALOGUE[n][0] for n in names], pa.int64()),
+        "collection": [DEMO_CATALOGUE[n][1] for n in names],
+        "acquired": pa.array([datetime.date(2026, 1, 1 + i) for i in range(len(names))], pa.date32()),
+    })
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    return out
+
+
 def make_bad_corpus(out_dir: str | Path) -> list[Path]:
     """Write empty.pdf, truncated.pdf, notes.jpg (text) and broken.mp4 into `out_dir`; return their paths."""
     out = Path(out_dir)

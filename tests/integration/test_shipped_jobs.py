@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.samples import make_demo_corpus
+from pipeline.samples import make_demo_corpus, write_demo_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,10 @@ def _overrides(job: dict, corpus: Path, tmp: Path) -> list[str]:
     family = "minicpm_ocr" if "OCR" in job.get("model", {}).get("name", "") else "minicpmv4_6"
     sets = [f"output.uri={tmp / 'out'}", "model.name=tiny", f"model.family={family}",
             f"model.cache_dir={tmp / 'cache'}", "ray.num_cpus=2"]
-    if job["input"].get("manifest"):
+    if job["input"].get("pass_through"):
+        # The job's own manifest, as `cpmv samples --manifest` writes it (its catalogue columns).
+        sets.append(f"input.manifest={write_demo_manifest(corpus, tmp / 'manifest.parquet')}")
+    elif job["input"].get("manifest"):
         manifest = tmp / "manifest.parquet"
         pq.write_table(pa.table({job["input"].get("manifest_column", "uri"):
                                  [str(p) for p in sorted(corpus.iterdir())]}), manifest)
@@ -51,6 +54,9 @@ def _overrides(job: dict, corpus: Path, tmp: Path) -> list[str]:
         uris = [f"{corpus}/{u.split('/', 4)[-1].split('**/')[-1]}" if "*" in u else f"{corpus}/"
                 for u in job["input"]["uris"]]
         sets.append(f"input.uris=[{', '.join(uris)}]")
+    for i, task in enumerate(job.get("tasks", [])):  # few-shot images: the same files, in the test's corpus
+        for j, ex in enumerate(task.get("examples") or []):
+            sets.append(f"tasks.{i}.examples.{j}.image={corpus / Path(ex['image']).name}")
     sets += [f"tasks.{i}.max_new_tokens=4" for i in range(len(job.get("tasks", [])))]
     sets.append("model.max_slice_nums=1")
     # 4-token replies of a random model always reach the cap: reply checks (their own tests) off here,
@@ -81,3 +87,5 @@ def test_shipped_job_runs_locally(path, corpus, tmp_path):
     tasks = {t.get("id") or t["name"] for t in job["tasks"]}  # a task's name in outputs: its id, else its name
     assert {r["task"] for r in results} <= tasks
     assert any(r["status"] == "ok" for r in results), [(r["source_uri"], r["error_type"]) for r in results]
+    for name in job["input"].get("pass_through") or []:  # every row carries its file's catalogue values
+        assert all(r[name] is not None for r in results + docs), name
