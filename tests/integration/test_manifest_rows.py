@@ -23,7 +23,7 @@ from pipeline.infer import CALL_LOG_ENV
 pytestmark = pytest.mark.slow
 
 TS = pa.timestamp("us", tz="UTC")
-LONG = ("Name every colour you can see in this {label} picture, one colour per line, and say for each "
+LONG = ("Name every colour you can see in this {animal} picture, one colour per line, and say for each "
         "where in the picture it appears")
 
 
@@ -66,7 +66,7 @@ def _job(manifest: str, out: str, cache: Path, storage: dict | None = None, prep
 
     return load_job_data({
         "name": "rows", "input": {"manifest": manifest, "prompt_column": "prompt", "dedup": "content",
-                                  "pass_through": ["item_id", "taken_at", "label"]},
+                                  "pass_through": ["item_id", "taken_at", "animal"]},
         "output": {"uri": out}, "storage": storage or {},
         "model": {"name": "tiny", "max_slice_nums": 1, "cache_dir": str(cache)},
         "checks": {"enabled": False},  # 3-token random replies run to the cap: plumbing, not reply quality
@@ -80,12 +80,12 @@ def _manifest_table(files: dict[str, str], prompts: dict[str, str]) -> pa.Table:
         "uri": [files[n] for n in names],
         "item_id": pa.array([100 + i for i in range(len(names))], pa.int64()),
         "taken_at": pa.array([datetime(2026, 5, i + 1, 12, tzinfo=timezone.utc) for i in range(len(names))], TS),
-        "label": ["cat", "cat", "dog", "cat", "bird"],
+        "animal": ["cat", "cat", "dog", "cat", "bird"],
         "prompt": [prompts[n] for n in names],
     })
 
 
-PROMPTS = {"a": "Describe the {label}.", "b": "Describe the {label}.", "c": "Describe the {label}.", "d": LONG,
+PROMPTS = {"a": "Describe the {animal}.", "b": "Describe the {animal}.", "c": "Describe the {animal}.", "d": LONG,
            "e": "Describe the {colour}."}  # e: a field the manifest lacks -> that source's error row
 
 
@@ -115,11 +115,11 @@ def test_local_parquet_manifest_prompts_pass_through_dedup_and_resume(local_ray,
     results = pq.read_table(out / "results")
     docs = pq.read_table(out / "documents")
     for t in (results, docs):  # pass-through columns at the end, with the manifest's types
-        assert t.schema.names[-3:] == ["item_id", "taken_at", "label"]
+        assert t.schema.names[-3:] == ["item_id", "taken_at", "animal"]
         assert t.schema.field("item_id").type == pa.int64() and t.schema.field("taken_at").type == TS
     r = _by_name(results)
     assert r["a"]["status"] == "ok" and r["a"]["prompt"] == "Describe the cat." and r["c"]["prompt"] == "Describe the dog."
-    assert r["d"]["prompt"] == LONG.format(label="cat")
+    assert r["d"]["prompt"] == LONG.format(animal="cat")
     # The engine saw the text: d's prompt (same image as a) costs more prompt tokens than a's.
     assert r["d"]["prompt_tokens"] > r["a"]["prompt_tokens"]
     assert r["b"]["dedup_of"] == files["a"] and r["b"]["text"] == r["a"]["text"] and r["b"]["source_id"] != r["a"]["source_id"]
@@ -134,7 +134,7 @@ def test_local_parquet_manifest_prompts_pass_through_dedup_and_resume(local_ray,
 
     # The README's join back to the manifest, on a pass-through key.
     joined = duckdb.sql(f"""
-        SELECT m.item_id, m.label, r.text FROM read_parquet('{manifest}') m
+        SELECT m.item_id, m.animal, r.text FROM read_parquet('{manifest}') m
         JOIN read_parquet('{out}/results/*.parquet') r USING (item_id) WHERE r.status = 'ok' ORDER BY m.item_id
     """).fetchall()
     assert [row[0] for row in joined] == [100, 101, 102, 103]
@@ -145,7 +145,7 @@ def test_local_parquet_manifest_prompts_pass_through_dedup_and_resume(local_ray,
     assert again.status == "complete" and again.counts["processed"] == 0 and _calls(tmp_path) == 3
 
     # A changed prompt is other work: only that source is redone, and every file keeps one schema.
-    pq.write_table(_manifest_table(files, {**PROMPTS, "c": "What is the {label} doing?"}), manifest)
+    pq.write_table(_manifest_table(files, {**PROMPTS, "c": "What is the {animal} doing?"}), manifest)
     third = run_job(job)
     assert third.status == "complete" and third.counts["processed"] == 1 and _calls(tmp_path) == 4
     files_now = sorted((out / "results").iterdir())
@@ -166,7 +166,7 @@ def test_csv_manifest_on_s3_keeps_inferred_types_and_dedups(local_ray, s3_server
     for n, p in files.items():
         fs.put(p, f"{bucket}/in/{n}.png")
         uris[n] = f"s3://{bucket}/in/{n}.png"
-    table = _manifest_table(uris, {**PROMPTS, "e": "Describe the {label}."})
+    table = _manifest_table(uris, {**PROMPTS, "e": "Describe the {animal}."})
     # CSV: pyarrow infers the types back (int64; an ISO timestamp with a zone as timestamp[s, UTC])
     csv = tmp_path / "manifest.csv"
     pacsv.write_csv(table.set_column(2, "taken_at", pa.array(
@@ -194,7 +194,7 @@ def test_csv_manifest_on_s3_keeps_inferred_types_and_dedups(local_ray, s3_server
     expected = pq.read_schema(pa.BufferReader(buf.getvalue()))
     for name in ("results", "documents"):
         t = pq.read_table(local / name)
-        for col in ("item_id", "taken_at", "label"):
+        for col in ("item_id", "taken_at", "animal"):
             assert t.schema.field(col).type == expected.field(col).type, col
         assert _by_name(t)["c"]["taken_at"] == datetime(2026, 5, 3, 12, tzinfo=timezone.utc)
     r = _by_name(pq.read_table(local / "results"))
