@@ -110,7 +110,7 @@ def test_overlong_prompt_becomes_an_error_row_and_the_rest_succeed(stage: AsyncI
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """guard off: vLLM itself rejects the request (at enqueue); on: the stage's length guard stops it first."""
     if guard == "off":
-        monkeypatch.setattr(stage, "_guard", lambda unit, task: None, raising=False)
+        monkeypatch.setattr(stage, "_guard", lambda unit, task, examples=(): None, raising=False)
     elif not hasattr(stage, "_guard"):
         pytest.skip("this InferStage has no prompt-length guard")
     long_text = " ".join(f"word{i}" for i in range(3000))  # hint of 4000 chars: far over MAX_MODEL_LEN tokens
